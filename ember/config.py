@@ -1,0 +1,127 @@
+"""The frozen settings every part of ember is configured by.
+
+Resolved and validated once at start-up (`EngineConfig.from_options`); values
+found at run time (number of KV blocks, ...) live in `ember.engine.runtime`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = field(default="", metadata={"help": "Hugging Face-format model directory."})
+    dtype: str = field(
+        default="auto", metadata={"help": "Weight/activation dtype: auto|bfloat16|float16|float32."}
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "Context length; defaults to the model's own."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for unseeded sampling."})
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata={"help": "Tokens per KV block."})
+    kv_cache_memory: int | None = field(
+        default=None,
+        metadata={"help": "Bytes of KV cache on CPU (default: 1 GiB, capped by free memory)."},
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Fraction of free GPU memory for weights + KV cache."}
+    )
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = field(default=128, metadata={"help": "Most sequences running at once."})
+    max_num_batched_tokens: int = field(
+        default=512, metadata={"help": "Token budget of one step (prefill chunks + decodes)."}
+    )
+    enable_chunked_prefill: bool = field(
+        default=True, metadata={"help": "Split long prompts across steps within the budget."}
+    )
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = field(default="auto", metadata={"help": "cpu|cuda|auto."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for torch (default: all cores)."}
+    )
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "Disable CUDA-graph capture of decode batches."}
+    )
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+             "device": DeviceConfig}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> EngineConfig:
+        """Build from flat keyword options (`LLM(model, max_num_seqs=8)`); unknown ones raise."""
+        by_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        owner = {f.name: name for name, section in _SECTIONS.items() for f in fields(section)}
+        for key, value in options.items():
+            if key not in owner:
+                raise ValueError(f"unknown engine option {key!r}; known: {sorted(owner)}")
+            by_section[owner[key]][key] = value
+        by_section["model"]["model"] = model
+        config = cls(**{name: _SECTIONS[name](**kw) for name, kw in by_section.items()})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for section in (self.model, self.cache, self.scheduler, self.device):
+            section.validate()
+
+    def replace(self, **sections: Any) -> EngineConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def option_fields() -> list[tuple[str, dataclasses.Field]]:
+    """Every flat engine option with its field (for the CLI's --help)."""
+    return [(f.name, f) for section in _SECTIONS.values() for f in fields(section)]

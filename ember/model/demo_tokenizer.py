@@ -1,0 +1,87 @@
+"""Builds a byte-level BPE tokenizer trained locally (no network) with a ChatML chat template.
+
+Used by the demo model and by the tests' tiny models; deterministic for a given size.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+BOS, EOS, PAD = "<s>", "<|im_end|>", "<pad>"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the a an of to in and or is are was were be been being have has had do does did "
+    "model token cache block prefill decode batch request stream server router engine "
+    "attention layer weight matrix vector tensor kernel memory latency throughput "
+    "hello world python serving fast small large open source user assistant system tool "
+    "call function json schema value key list number string true false null "
+    "café naïve über straße Größe déjà 日本語 中文 你好 世界 한국어 русский язык "
+    "emoji 😀 🚀 ✨ 🔥 — – … « » ¿ ¡ € £ ¥ 0 1 2 3 4 5 6 7 8 9 10 42 100 2026 "
+    "{ } [ ] ( ) < > : ; , . ! ? ' \" / \\ - _ + = * & % $ # @ ~ ` |"
+).split()
+
+
+_SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "ng", "st", "er"]
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4)))
+
+
+def _corpus(num_lines: int, seed: int = 0) -> list[str]:
+    """Real-looking words and many pseudo-words, so BPE can learn up to ~32k merges."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        words = [w if rng.random() < 0.5 else _pseudo_word(rng)
+                 for w in rng.choices(_WORDS, k=rng.randint(4, 24))]
+        lines.append(" ".join(words))
+    return lines
+
+
+def train_bpe_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+    """A byte-level BPE (GPT-2/Llama-3 style) with ChatML special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(num_lines=max(4000, vocab_size * 4)), trainer=trainer)
+    return tokenizer
+
+
+def save_demo_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> int:
+    """Train and save tokenizer.json + tokenizer_config.json (with chat template); returns its size."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe_tokenizer(vocab_size),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(out_dir))
+    return len(fast)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ember.engine.sampling_params import SamplingParams
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
@@ -69,9 +69,16 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
-    eos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
     max_total_tokens: int = 0  # context limit: prompt + outputs never exceed it
     sequences: list[Sequence] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) + stop_token_ids
+
+    def __post_init__(self) -> None:
+        ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            ids.update(self.eos_token_ids)
+        self.stop_token_ids = frozenset(ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -84,10 +91,3 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.sequences)
-
-    @property
-    def stop_token_ids(self) -> set[int]:
-        ids = set(self.params.stop_token_ids)
-        if self.eos_token_id is not None and not self.params.ignore_eos:
-            ids.add(self.eos_token_id)
-        return ids

@@ -1,0 +1,109 @@
+"""The `ember` command: serve | generate | bench. The only module that reads argv.
+
+Engine options are generated from the config dataclasses, so `--help` shows each field's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Any
+
+from ember.config import option_fields
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine options")
+    group.add_argument("--model", default=None,
+                       help="Hugging Face-format model directory (default: the demo model).")
+    for name, f in option_fields():
+        if name == "model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, type=_field_parser(f), default=None,
+                               help=help_text)
+
+
+def _field_parser(f: dataclasses.Field):
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options the user set on the command line (unset ones keep their defaults)."""
+    return {name: getattr(args, name) for name, _ in option_fields()
+            if name != "model" and getattr(args, name, None) is not None}
+
+
+def _model_dir(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from ember.model.demo import demo_model_dir
+
+    return str(demo_model_dir())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ember.interactive import run_interactive
+
+    return run_interactive(_model_dir(args), engine_options(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ember import LLM, SamplingParams
+
+    llm = LLM(_model_dir(args), **engine_options(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    for out in llm.generate(args.prompt, params):
+        print(out.outputs[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="ember: open LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="Start the engine on a model and take prompts.")
+    _add_engine_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="Generate completions for prompts and exit.")
+    _add_engine_options(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="A prompt (repeatable).")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from ember.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""EngineCore: the engine loop. `step()` reads as schedule, execute, update.
+
+Owns the scheduler, KV cache and runner; tokenizer-free (text lives in the front end).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ember.config import EngineConfig
+from ember.engine.messages import EngineCoreOutput, EngineCoreRequest
+from ember.engine.request import FinishReason, Request
+from ember.engine.runner import ModelRunner
+from ember.engine.scheduler import Scheduler, SeqUpdate
+from ember.engine.setup import build_engine_parts
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        parts = build_engine_parts(config)
+        self.model_info = parts.model_info
+        self.runtime = parts.runtime
+        self.scheduler: Scheduler = parts.scheduler
+        self.runner: ModelRunner = parts.runner
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request; raises ValueError naming the problem when it cannot be served."""
+        request = Request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time,
+                          eos_token_ids=tuple(self.model_info.eos_token_ids))
+        vocab = self.model_info.vocab_size
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {vocab}):"
+                             f" {bad[:5]}")
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.scheduler.abort_request(request_id)
+
+    def stop_sequence(self, request_id: str, seq_index: int, stop_reason: str | None) -> None:
+        """Finish one sequence early (a stop string matched in the front end)."""
+        request = self.scheduler.requests.get(request_id)
+        if request is not None and seq_index < len(request.sequences):
+            self.scheduler.finish_sequence(request.sequences[seq_index], FinishReason.STOP,
+                                           stop_reason)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        return [_to_output(u) for u in self.scheduler.update(sched, result)]
+
+
+def _to_output(update: SeqUpdate) -> EngineCoreOutput:
+    seq = update.seq
+    out = EngineCoreOutput(seq.request.request_id, seq.index, update.new_token_ids)
+    if seq.request.params.logprobs is not None and update.new_logprobs:
+        out.new_logprobs = [(t.logprob, t.rank, t.top) for t in update.new_logprobs]
+    if update.prompt_logprobs is not None:
+        lp = update.prompt_logprobs
+        out.prompt_logprobs = (lp.logprobs, lp.ranks, lp.top)
+    if update.finished:
+        out.finish_reason = seq.finish_reason.value
+        out.stop_reason = seq.stop_reason
+    return out

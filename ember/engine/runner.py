@@ -1,0 +1,155 @@
+"""ModelRunner: turns a SchedulerOutput into tensors, runs the forward and samples.
+
+Owns the KV cache tensors and per-sequence sampling generators; knows nothing of queues.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ember.attention.backend import AttentionBackend, BatchLayout
+from ember.attention.context import ForwardContext, forward_context
+from ember.engine.sampler import Sampler, SamplingRow, compute_token_logprobs, make_generator
+from ember.engine.scheduler_output import (
+    PromptLogprobs,
+    RunnerOutput,
+    SampledToken,
+    ScheduledChunk,
+    SchedulerOutput,
+)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: AttentionBackend,
+        kv_pool: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.kv_pool = kv_pool
+        self.kv_caches = list(kv_pool.unbind(0))
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+        self._generators: dict[int, torch.Generator | None] = {}
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for seq_id in sched.finished_seq_ids:
+            self._generators.pop(seq_id, None)
+        if sched.block_copies:
+            self._copy_blocks(sched.block_copies)
+        input_ids, positions, layout = self._prepare_inputs(sched.chunks)
+        metadata = self.backend.build_metadata(layout, self.device)
+        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
+            hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        sample_idx, prompt_idx = self._logit_rows(sched.chunks)
+        logits = self.model.compute_logits(hidden[sample_idx + prompt_idx])  # [rows, vocab]
+        result = RunnerOutput(self._sample(sched.chunks, logits[: len(sample_idx)]))
+        if prompt_idx:
+            result.prompt_logprobs = self._prompt_logprobs(sched.chunks,
+                                                           logits[len(sample_idx):])
+        return result
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
+
+    def _prepare_inputs(self, chunks: list[ScheduledChunk]):
+        block_size = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for chunk in chunks:
+            token_ids.extend(chunk.token_ids)
+            span = range(chunk.start_pos, chunk.start_pos + chunk.num_tokens)
+            positions.extend(span)
+            table = chunk.block_ids
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+        layout = BatchLayout(
+            query_lens=[c.num_tokens for c in chunks],
+            context_lens=[c.start_pos + c.num_tokens for c in chunks],
+            block_tables=[c.block_ids for c in chunks],
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_size=block_size,
+        )
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        return ids, pos, layout
+
+    @staticmethod
+    def _logit_rows(chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
+        """Rows of the flat batch whose logits are needed: one per sample, then prompt rows."""
+        sample_idx: list[int] = []
+        prompt_idx: list[int] = []
+        start = 0
+        for chunk in chunks:
+            last = start + chunk.num_tokens - 1
+            sample_idx.extend([last] * len(chunk.sample_seqs))
+            if chunk.prompt_logprob_targets:
+                prompt_idx.extend(range(start, start + len(chunk.prompt_logprob_targets)))
+            start += chunk.num_tokens
+        return sample_idx, prompt_idx
+
+    def _sample(self, chunks: list[ScheduledChunk],
+                logits: torch.Tensor) -> dict[int, SampledToken]:
+        rows: list[SamplingRow] = []
+        seq_ids: list[int] = []
+        for chunk in chunks:
+            for seq in chunk.sample_seqs:
+                request = seq.request
+                rows.append(SamplingRow(
+                    params=request.params,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=seq.output_token_ids,
+                    generator=self._generator(seq.seq_id, request.params.seed, seq.index),
+                    min_tokens_suppressed_ids=sorted(request.stop_token_ids),
+                ))
+                seq_ids.append(seq.seq_id)
+        if not rows:
+            return {}
+        out = self.sampler(logits, rows)
+        sampled: dict[int, SampledToken] = {}
+        for i, seq_id in enumerate(seq_ids):
+            token = SampledToken(out.token_ids[i])
+            if out.logprobs is not None and rows[i].params.logprobs is not None:
+                token.logprob, token.rank = out.logprobs[i], out.ranks[i]
+                token.top = list(zip(out.top_token_ids[i], out.top_logprobs[i]))
+            sampled[seq_id] = token
+        return sampled
+
+    def _generator(self, seq_id: int, seed: int | None, index: int) -> torch.Generator | None:
+        if seq_id not in self._generators:
+            self._generators[seq_id] = (
+                None if seed is None else make_generator(seed, index, self.device)
+            )
+        return self._generators[seq_id]
+
+    @staticmethod
+    def _prompt_logprobs(chunks: list[ScheduledChunk], logits: torch.Tensor
+                         ) -> dict[int, PromptLogprobs]:
+        targets = [t for c in chunks if c.prompt_logprob_targets for t in c.prompt_logprob_targets]
+        num_top = max(c.seq.request.params.prompt_logprobs or 0 for c in chunks
+                      if c.prompt_logprob_targets)
+        target_t = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+        chosen, ranks, top_ids, top_lps = compute_token_logprobs(logits, target_t, num_top)
+        chosen, ranks = chosen.tolist(), ranks.tolist()
+        top_ids, top_lps = top_ids.tolist(), top_lps.tolist()
+        result: dict[int, PromptLogprobs] = {}
+        start = 0
+        for chunk in chunks:
+            n = len(chunk.prompt_logprob_targets or [])
+            if not n:
+                continue
+            k = chunk.seq.request.params.prompt_logprobs or 0
+            span = range(start, start + n)
+            result[chunk.seq.seq_id] = PromptLogprobs(
+                [chosen[i] for i in span], [ranks[i] for i in span],
+                [list(zip(top_ids[i][:k], top_lps[i][:k])) for i in span])
+            start += n
+        return result

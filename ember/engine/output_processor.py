@@ -54,8 +54,8 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
         seqs = [_SeqState(self._detokenizer(prompt_token_ids, params),
-                          StopChecker(params.stop, params.include_stop_str_in_output)
-                          if params.stop else None,
+                          StopChecker(params.stop, params.include_stop_str_in_output,
+                                      params.min_tokens) if params.stop else None,
                           CompletionOutput(i, logprobs=[] if params.logprobs is not None else None,
                                            cumulative_logprob=0.0 if params.logprobs is not None
                                            else None))
@@ -121,11 +121,12 @@ class OutputProcessor:
         if seq.detokenizer is None:
             return None
         new_text = seq.detokenizer.add_tokens(out.new_token_ids)
+        if out.finish_reason is not None:  # an incomplete character at the end shows as U+FFFD
+            new_text += seq.detokenizer.flush()
         seq.full_text += new_text
         stop = None
-        num_outputs = len(output.token_ids)
-        if seq.stop_checker is not None and num_outputs >= state.params.min_tokens:
-            match = seq.stop_checker.check(seq.full_text, len(new_text))
+        if seq.stop_checker is not None:
+            match = seq.stop_checker.check(seq.full_text, len(new_text), len(output.token_ids))
             if match is not None:
                 output.text = seq.full_text[: match.truncate_to]
                 output.finish_reason, output.stop_reason = "stop", match.stop_str
@@ -143,7 +144,7 @@ class OutputProcessor:
         return entry
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.backend_tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _add_prompt_logprobs(self, state: _RequestState, chunk) -> None:
         logprobs, ranks, tops = chunk
@@ -165,6 +166,6 @@ class OutputProcessor:
         text = seq.output.text
         visible = len(text)
         if seq.stop_checker is not None and not seq.output.finished:
-            visible = max(seq.emitted_chars, len(text) - seq.stop_checker.hold_back)
+            visible = max(seq.emitted_chars, len(text) - seq.stop_checker.num_holdback_chars)
         seq.output.delta_text = text[seq.emitted_chars:visible]
         seq.emitted_chars = visible

@@ -72,7 +72,7 @@ def train_bpe_tokenizer(vocab_size: int = 1024) -> Tokenizer:
 
 
 def save_demo_tokenizer(out_dir: str | Path, vocab_size: int = 1024) -> int:
-    """Train and save tokenizer.json + tokenizer_config.json (with chat template); returns its size."""
+    """Train and save tokenizer.json + tokenizer_config.json (with chat template); returns size."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(

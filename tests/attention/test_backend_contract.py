@@ -1,7 +1,9 @@
-"""The contract every AttentionBackend passes: paged writes + causal attention = a dense reference."""
+"""The contract every AttentionBackend passes: paged writes + causal attention = dense reference."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 
 import pytest
@@ -9,8 +11,13 @@ import torch
 
 from ember.attention.backend import AttentionSpec, BatchLayout, allocate_kv_cache
 from ember.attention.torch_backend import TorchBackend
+from ember.attention.triton_backend import TritonBackend  # imports triton only when run
 
-BACKENDS = [TorchBackend]
+# The Triton kernels see CPU tensors here: they need triton in interpreter mode (conftest.py).
+_NEEDS_TRITON_INTERPRETER = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton with TRITON_INTERPRET=1 (CPU tensors)")
+BACKENDS = [TorchBackend, pytest.param(TritonBackend, marks=_NEEDS_TRITON_INTERPRETER)]
 
 
 def _reference(q, k_all, v_all, ctx_len, q_len, spec):

@@ -1,0 +1,15 @@
+"""The one module that reads EMBER_* environment variables; every other module asks it.
+
+Each variable gets one small function with its default; no module reads os.environ for EMBER_*.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where ember keeps what it builds (the demo model): $EMBER_CACHE_DIR or ~/.cache/ember."""
+    value = os.environ.get("EMBER_CACHE_DIR")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "ember"

@@ -1,0 +1,66 @@
+"""The one decoder every supported architecture runs on: pre-norm layers of attention + (MoE) MLP.
+
+Works on the flat token batch of one step; attention metadata and KV caches come from the
+forward context. No `.item()`/`.tolist()` and no loop over sequences in the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.model.attention import Attention
+from ember.model.layers import Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from ember.model.moe import SparseMoE
+from ember.model.registry import DecoderConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device)
+        self.self_attn = Attention(cfg, layer_idx, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device)
+        if cfg.moe is not None and cfg.moe_layers[layer_idx]:
+            self.mlp: nn.Module = SparseMoE(hidden, cfg.moe, dtype, device)
+        else:
+            self.mlp = GatedMLP(hidden, cfg.intermediate_size, cfg.mlp_bias, dtype, device)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        attn_out = self.self_attn(self.input_layernorm(hidden), cos, sin)
+        attn_out += hidden  # residual; attn_out is a fresh tensor, so in place is safe
+        mlp_out = self.mlp(self.post_attention_layernorm(attn_out))
+        mlp_out += attn_out
+        return mlp_out
+
+
+class DecoderModel(nn.Module):
+    """Token ids + positions of one step -> final-normed hidden states; logits on demand."""
+
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.rotary = RotaryEmbedding(cfg.rope, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        tied = self.embed_tokens.weight if cfg.tie_word_embeddings else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device, weight=tied)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] int64 -> hidden [T, hidden_size] (after the final norm)."""
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary(positions, hidden.dtype)  # [T, 1, head_dim] each
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32 (matmul in the model dtype, like transformers)."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,108 @@
+"""Dense building blocks of the shared decoder: linear, embedding, RMSNorm, rotary, gated MLP.
+
+Parameters are allocated uninitialised (the loader fills them in place); nothing here reads files.
+Numerics follow transformers' Llama-family modules op for op so fp32 logits match to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.model.registry import RopeConfig
+
+
+def empty_parameter(shape: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device | str) -> nn.Parameter:
+    """An uninitialised, frozen parameter; the loader overwrites every element."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W [out, in]; `weight` may be shared (tied lm_head)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str, weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.weight = weight if weight is not None else empty_parameter(
+            (out_features, in_features), dtype, device)
+        self.bias = empty_parameter((out_features,), dtype, device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.weight = empty_parameter((num_embeddings, dim), dtype, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, dim]
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, cast back, then scale (transformers' LlamaRMSNorm order)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.weight = empty_parameter((dim,), dtype, device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for a step's positions, computed once per forward and shared by all layers."""
+
+    def __init__(self, rope: RopeConfig, device: torch.device | str) -> None:
+        super().__init__()
+        inv_freq = torch.tensor(rope.inv_freq, dtype=torch.float32, device=device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim // 2]
+        self.attention_scaling = rope.attention_scaling
+
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # [T, head_dim // 2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos *= self.attention_scaling
+            sin *= self.attention_scaling
+        return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)  # [T, 1, head_dim] each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotation: x * cos + rotate_half(x) * sin. x [T, heads, head_dim] -> same."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, heads, head_dim]
+    rotated *= sin
+    out = x * cos
+    out += rotated
+    return out
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one [2 * inter, hidden] GEMM."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias, dtype, device)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * inter] laid out [gate | up] -> silu(gate) * up [..., inter]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = F.silu(gate)
+    out *= up
+    return out

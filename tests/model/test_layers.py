@@ -1,0 +1,59 @@
+"""Dense layers vs transformers' Llama modules: RMSNorm, rotary embedding, gated MLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.models.llama import modeling_llama as hf
+
+from ember.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope
+from ember.model.registry import resolve_rope
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+              num_key_value_heads=1, mlp_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm(dtype):
+    theirs = hf.LlamaRMSNorm(32, eps=1e-5).to(dtype)
+    ours = RMSNorm(32, 1e-5, dtype, "cpu")
+    with torch.no_grad():
+        theirs.weight.normal_()
+        ours.weight.copy_(theirs.weight)
+    x = torch.randn(7, 32, dtype=dtype) * 3
+    torch.testing.assert_close(ours(x), theirs(x))  # dtype-default tolerances (fp32: 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_llama(dtype):
+    config = transformers.LlamaConfig(**CONFIG, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})
+    head_dim = 16
+    positions = torch.tensor([0, 1, 5, 31, 32, 1000, 7])
+    q = torch.randn(1, 2, len(positions), head_dim, dtype=dtype)  # HF: [batch, heads, T, dim]
+    k = torch.randn(1, 1, len(positions), head_dim, dtype=dtype)
+    cos, sin = hf.LlamaRotaryEmbedding(config)(q, positions.unsqueeze(0))
+    q_ref, k_ref = hf.apply_rotary_pos_emb(q, k, cos, sin)
+
+    our_cos, our_sin = RotaryEmbedding(resolve_rope(config, head_dim), "cpu")(positions, dtype)
+    qk = torch.cat([q[0].transpose(0, 1), k[0].transpose(0, 1)], dim=1)  # [T, 3, dim]
+    out = apply_rope(qk, our_cos, our_sin)
+    torch.testing.assert_close(out[:, :2], q_ref[0].transpose(0, 1), atol=0, rtol=0)
+    torch.testing.assert_close(out[:, 2:], k_ref[0].transpose(0, 1), atol=0, rtol=0)
+
+
+def test_gated_mlp_with_bias():
+    config = transformers.LlamaConfig(**CONFIG)
+    theirs = hf.LlamaMLP(config)
+    ours = GatedMLP(32, 48, True, torch.float32, "cpu")
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+        ours.gate_up_proj.weight.copy_(torch.cat([theirs.gate_proj.weight, theirs.up_proj.weight]))
+        ours.gate_up_proj.bias.copy_(torch.cat([theirs.gate_proj.bias, theirs.up_proj.bias]))
+        ours.down_proj.weight.copy_(theirs.down_proj.weight)
+        ours.down_proj.bias.copy_(theirs.down_proj.bias)
+        x = torch.randn(5, 32)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)

@@ -29,7 +29,8 @@ async def _serve(model: str, options: dict[str, Any]) -> None:
     client = await AsyncEngineClient.start(config)
     try:
         runtime = client.runtime
-        print(USAGE.format(model=model, num_kv_tokens=runtime["num_kv_tokens"],
+        num_kv_tokens = runtime["num_blocks"] * runtime["block_size"]
+        print(USAGE.format(model=model, num_kv_tokens=num_kv_tokens,
                            num_blocks=runtime["num_blocks"],
                            max_model_len=runtime["max_model_len"]), flush=True)
         params = SamplingParams(max_tokens=128, temperature=0.8, top_p=0.95)

@@ -48,7 +48,7 @@ def run_greedy(model: DecoderModel, info: ModelInfo, prompts: list[list[int]],
     blocks_per_seq = -(-max_len // block_size)
     num_blocks = blocks_per_seq * len(prompts)
     kv_caches = allocate_kv_cache(info.num_layers, num_blocks, block_size, info.num_kv_heads,
-                                  info.head_dim, info.dtype, device)
+                                  info.head_dim, info.dtype, device, backend)
     free = list(range(num_blocks))
     random.Random(seed).shuffle(free)  # non-contiguous block tables exercise the paging
     tables = [[free.pop() for _ in range(blocks_per_seq)] for _ in prompts]

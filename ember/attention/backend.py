@@ -40,9 +40,18 @@ class AttentionSpec:
 
 
 class AttentionBackend(ABC):
-    """Paged attention over a KV cache of shape [2, num_blocks, block_size, kv_heads, head_dim]."""
+    """Paged attention over one KV cache tensor per layer, laid out as the backend chooses.
+
+    The default layout is [2, num_blocks, block_size, kv_heads, head_dim]; a backend that
+    prefers another overrides `kv_cache_shape` and `block_dim` (the block axis of that shape).
+    """
 
     name: str = "abstract"
+    block_dim: int = 1
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, num_kv_heads, head_dim)
 
     @abstractmethod
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
@@ -54,7 +63,7 @@ class AttentionBackend(ABC):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # this layer's cache, shaped by kv_cache_shape()
         metadata: object,
         spec: AttentionSpec,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
@@ -69,12 +78,29 @@ def allocate_kv_cache(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device,
+    backend: AttentionBackend | None = None,
 ) -> list[torch.Tensor]:
-    """One allocation for all layers; returns a per-layer view [2, blocks, block, kv_heads, dim]."""
-    pool = torch.zeros(
-        (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim), dtype=dtype, device=device
-    )
-    return list(pool.unbind(0))
+    """One allocation for all layers, shaped by `backend` (default layout without one)."""
+    return list(allocate_kv_pool(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                                 dtype, device, backend).unbind(0))
+
+
+def allocate_kv_pool(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: AttentionBackend | None = None,
+) -> torch.Tensor:
+    """[num_layers, *backend.kv_cache_shape(...)] zeros."""
+    if backend is None:
+        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    else:
+        shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    return torch.zeros((num_layers, *shape), dtype=dtype, device=device)
 
 
 def kv_bytes_per_block(

@@ -1,7 +1,8 @@
-"""CPU attention backend in plain PyTorch: paged KV writes and masked SDPA over gathered blocks.
+"""CPU attention backend in plain PyTorch: paged KV writes and batched-matmul attention.
 
-Vectorised per step: decode tokens form one padded group and prefill chunks another, so
-no Python loop runs over sequences inside the forward.
+Vectorised per step: decode tokens form one padded group and prefill chunks another, so no
+Python loop runs over sequences. The cache is head-major ([kv_heads, blocks, block, dim]) so
+one gather yields each (head, sequence)'s keys contiguous, ready for a single batched GEMM.
 """
 
 from __future__ import annotations
@@ -9,31 +10,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ember.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 
 
 @dataclass
 class _Group:
-    """Sequences attended together: their queries padded to max_q, their keys to max_k."""
+    """Sequences attended together: queries padded to max_q, keys to max_blocks blocks."""
 
     token_idx: torch.Tensor | None  # [group_tokens] rows of the flat batch; None = all, in order
-    pad_idx: torch.Tensor | None  # [group_tokens] row in the padded [num_seqs * max_q] query
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with block 0
+    pad_idx: torch.Tensor | None  # [group_tokens] row in the padded [num_seqs * max_q] queries
+    flat_blocks: torch.Tensor  # [num_seqs * max_blocks] block ids, tables padded with block 0
     q_pos: torch.Tensor  # [num_seqs, max_q, 1] position of each (padded) query
-    k_pos: torch.Tensor  # [1, max_k] key positions
-    valid: torch.Tensor  # [num_seqs, 1, max_q, max_k] bool: causal and inside the context
+    k_pos: torch.Tensor  # [1, 1, max_k] key positions
+    valid: torch.Tensor  # [num_seqs, max_q, max_k] causal and inside the context
     num_seqs: int
     max_q: int
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # by sliding window
+    max_k: int
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        if window is None:
-            return self.valid
+    def additive_mask(self, window: int | None) -> torch.Tensor:
+        """[num_seqs, max_q, 1, max_k] float32: 0 where attended, -inf elsewhere."""
         if window not in self.masks:
-            in_window = (self.q_pos - self.k_pos) < window  # [num_seqs, max_q, max_k]
-            self.masks[window] = self.valid & in_window.unsqueeze(1)
+            allowed = self.valid
+            if window is not None:
+                allowed = allowed & ((self.q_pos - self.k_pos) < window)
+            mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+            self.masks[window] = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(2)
         return self.masks[window]
 
 
@@ -50,8 +53,11 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], token_starts: list[int
     context_lens = [layout.context_lens[s] for s in seq_idx]
     max_q = max(query_lens)
     max_blocks = max(len(layout.block_tables[s]) for s in seq_idx)
-    tables = [layout.block_tables[s] + [0] * (max_blocks - len(layout.block_tables[s]))
-              for s in seq_idx]
+    flat_blocks: list[int] = []
+    for s in seq_idx:
+        table = layout.block_tables[s]
+        flat_blocks += table
+        flat_blocks += [0] * (max_blocks - len(table))
     max_k = max_blocks * layout.block_size
 
     q_pos_rows, token_idx, pad_idx = [], [], []
@@ -63,24 +69,36 @@ def _build_group(layout: BatchLayout, seq_idx: list[int], token_starts: list[int
         pad_idx.extend(range(g * max_q, g * max_q + q_len))
 
     q_pos = torch.tensor(q_pos_rows, dtype=torch.int64).unsqueeze(-1)  # [S, max_q, 1]
-    k_pos = torch.arange(max_k, dtype=torch.int64).unsqueeze(0)  # [1, max_k]
+    k_pos = torch.arange(max_k, dtype=torch.int64).view(1, 1, -1)  # [1, 1, max_k]
     ctx_t = torch.tensor(context_lens, dtype=torch.int64).view(-1, 1, 1)
-    valid = ((k_pos <= q_pos) & (k_pos < ctx_t)).unsqueeze(1)  # [S, 1, max_q, max_k]
+    valid = (k_pos <= q_pos) & (k_pos < ctx_t)  # [S, max_q, max_k]
     dense = covers_all and max_q == min(query_lens)
     return _Group(
         token_idx=None if covers_all else torch.tensor(token_idx, device=device),
         pad_idx=None if dense else torch.tensor(pad_idx, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
+        flat_blocks=torch.tensor(flat_blocks, dtype=torch.int64, device=device),
         q_pos=q_pos.to(device),
         k_pos=k_pos.to(device),
         valid=valid.to(device),
         num_seqs=len(seq_idx),
         max_q=max_q,
+        max_k=max_k,
     )
 
 
 class TorchBackend(AttentionBackend):
     name = "torch"
+    block_dim = 2  # [2, kv_heads, num_blocks, block_size, head_dim]
+
+    def __init__(self) -> None:
+        # NOTE: gathers write into these grow-only buffers: a fresh multi-MB allocation each
+        # layer would be mmap'd and page-faulted by glibc every time (several times slower).
+        self._key_buffer = torch.empty(0)
+        self._value_buffer = torch.empty(0)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TorchMetadata:
         starts, total = [], 0
@@ -98,34 +116,55 @@ class TorchBackend(AttentionBackend):
         return TorchMetadata(layout.slot_mapping.to(device), groups, total)
 
     def forward(self, q, k, v, kv_cache, metadata: TorchMetadata, spec: AttentionSpec):
-        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, kv_heads, dim]
-        flat_shape = (-1, spec.num_kv_heads, spec.head_dim)
-        key_cache.view(flat_shape).index_copy_(0, metadata.slot_mapping, k)
-        value_cache.view(flat_shape).index_copy_(0, metadata.slot_mapping, v)
+        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [kv_heads, blocks, block, dim]
+        flat_shape = (spec.num_kv_heads, -1, spec.head_dim)
+        key_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
+        value_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
         if len(metadata.groups) == 1:
-            return _attend_group(q, key_cache, value_cache, metadata.groups[0], spec)
+            return self._attend(q, key_cache, value_cache, metadata.groups[0], spec)
         out = torch.empty_like(q)
         for group in metadata.groups:
-            out[group.token_idx] = _attend_group(q, key_cache, value_cache, group, spec)
+            out[group.token_idx] = self._attend(q, key_cache, value_cache, group, spec)
         return out
 
+    def _gather(self, cache: torch.Tensor, group: _Group, is_key: bool) -> torch.Tensor:
+        """[kv_heads, blocks, block, dim] -> [kv_heads, num_seqs, max_k, dim] (a buffer view)."""
+        heads, _, block_size, dim = cache.shape
+        shape = (heads, group.flat_blocks.numel(), block_size, dim)
+        numel = heads * group.flat_blocks.numel() * block_size * dim
+        buffer = self._key_buffer if is_key else self._value_buffer
+        if buffer.numel() < numel or buffer.dtype != cache.dtype or buffer.device != cache.device:
+            buffer = torch.empty(numel, dtype=cache.dtype, device=cache.device)
+            if is_key:
+                self._key_buffer = buffer
+            else:
+                self._value_buffer = buffer
+        out = buffer[:numel].view(shape)
+        torch.index_select(cache, 1, group.flat_blocks, out=out)
+        return out.view(heads, group.num_seqs, group.max_k, dim)
 
-def _attend_group(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                  group: _Group, spec: AttentionSpec) -> torch.Tensor:
-    q_group = q if group.token_idx is None else q[group.token_idx]  # [n, heads, dim]
-    num_seqs, max_q = group.num_seqs, group.max_q
-    if group.pad_idx is None:
-        q_pad = q_group.view(num_seqs, max_q, spec.num_heads, spec.head_dim)
-    else:
-        q_pad = q_group.new_zeros(num_seqs * max_q, spec.num_heads, spec.head_dim)
-        q_pad[group.pad_idx] = q_group
-        q_pad = q_pad.view(num_seqs, max_q, spec.num_heads, spec.head_dim)
-    # [num_seqs, max_blocks, block, kv_heads, dim] -> [num_seqs, kv_heads, max_k, dim]
-    keys = key_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-    values = value_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), keys, values, attn_mask=group.mask(spec.sliding_window),
-        scale=spec.scale, enable_gqa=spec.num_heads != spec.num_kv_heads,
-    )  # [num_seqs, heads, max_q, dim]
-    out = out.transpose(1, 2).reshape(num_seqs * max_q, spec.num_heads, spec.head_dim)
-    return out if group.pad_idx is None else out[group.pad_idx]
+    def _attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                group: _Group, spec: AttentionSpec) -> torch.Tensor:
+        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        per_kv = heads // kv_heads
+        num_seqs, max_q = group.num_seqs, group.max_q
+        q_group = q if group.token_idx is None else q[group.token_idx]  # [n, heads, dim]
+        if group.pad_idx is not None:
+            q_pad = q_group.new_zeros(num_seqs * max_q, heads, dim)
+            q_pad[group.pad_idx] = q_group
+            q_group = q_pad
+        # [S*max_q, heads, dim] -> [kv_heads, S, max_q * per_kv, dim], queries pre-scaled
+        q_heads = (q_group.view(num_seqs, max_q, kv_heads, per_kv, dim)
+                   .permute(2, 0, 1, 3, 4).reshape(kv_heads, num_seqs, max_q * per_kv, dim))
+        q_heads = q_heads * spec.scale
+        keys = self._gather(key_cache, group, is_key=True)  # [kv_heads, S, max_k, dim]
+        scores = torch.matmul(q_heads, keys.transpose(-1, -2))  # [kv_heads, S, q*per_kv, max_k]
+        scores = scores.float().view(kv_heads, num_seqs, max_q, per_kv, group.max_k)
+        scores += group.additive_mask(spec.sliding_window)
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        values = self._gather(value_cache, group, is_key=False)
+        out = torch.matmul(probs.view(kv_heads, num_seqs, max_q * per_kv, group.max_k), values)
+        # [kv_heads, S, max_q * per_kv, dim] -> [S * max_q, heads, dim]
+        out = (out.view(kv_heads, num_seqs, max_q, per_kv, dim).permute(1, 2, 0, 3, 4)
+               .reshape(num_seqs * max_q, heads, dim))
+        return out if group.pad_idx is None else out[group.pad_idx]

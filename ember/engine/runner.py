@@ -9,6 +9,7 @@ import torch
 
 from ember.attention.backend import AttentionBackend, BatchLayout
 from ember.attention.context import ForwardContext, forward_context
+from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.sampler import Sampler, SamplingRow, compute_token_logprobs, make_generator
 from ember.engine.scheduler_output import (
     PromptLogprobs,
@@ -24,11 +25,13 @@ class ModelRunner:
         self,
         model: torch.nn.Module,
         backend: AttentionBackend,
-        kv_pool: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        kv_pool: torch.Tensor,  # [num_layers, *backend.kv_cache_shape(...)]
         block_size: int,
         device: torch.device,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.decode_graphs = decode_graphs
         self.backend = backend
         self.kv_pool = kv_pool
         self.kv_caches = list(kv_pool.unbind(0))
@@ -44,9 +47,7 @@ class ModelRunner:
         if sched.block_copies:
             self._copy_blocks(sched.block_copies)
         input_ids, positions, layout = self._prepare_inputs(sched.chunks)
-        metadata = self.backend.build_metadata(layout, self.device)
-        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
-            hidden = self.model(input_ids, positions)  # [num_tokens, hidden]
+        hidden = self._forward(input_ids, positions, layout)  # [num_tokens, hidden]
         sample_idx, prompt_idx = self._logit_rows(sched.chunks)
         logits = self.model.compute_logits(hidden[sample_idx + prompt_idx])  # [rows, vocab]
         result = RunnerOutput(self._sample(sched.chunks, logits[: len(sample_idx)]))
@@ -55,10 +56,19 @@ class ModelRunner:
                                                            logits[len(sample_idx):])
         return result
 
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 layout: BatchLayout) -> torch.Tensor:
+        metadata = self.backend.build_metadata(layout, self.device)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(layout):
+            return self.decode_graphs.run(input_ids, positions)
+        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
+            return self.model(input_ids, positions)
+
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
+        block_axis = self.backend.block_dim + 1
+        self.kv_pool.index_copy_(block_axis, dst, self.kv_pool.index_select(block_axis, src))
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]):
         block_size = self.block_size

@@ -5,6 +5,7 @@ Runs once; what it finds at run time goes into an `EngineRuntime` record (the co
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ember.attention.backend import AttentionBackend, kv_bytes_per_block
+from ember.attention.backend import AttentionBackend, allocate_kv_pool, kv_bytes_per_block
 from ember.config import EngineConfig
+from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
@@ -54,11 +56,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_backend(device: torch.device, config: EngineConfig) -> AttentionBackend:
+def make_backend(device: torch.device, config: EngineConfig,
+                 max_model_len: int) -> AttentionBackend:
     if device.type == "cuda":
         from ember.attention.triton_backend import TritonBackend
 
-        return TritonBackend()
+        sched = config.scheduler
+        # Persistent metadata buffers at their maxima, so decode batches can be graph-captured.
+        return TritonBackend(
+            max_num_seqs=sched.max_num_seqs,
+            max_num_tokens=max(sched.max_num_batched_tokens, sched.max_num_seqs),
+            max_blocks_per_seq=-(-max_model_len // config.cache.block_size),
+        )
     from ember.attention.torch_backend import TorchBackend
 
     return TorchBackend()
@@ -74,9 +83,26 @@ def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return min(DEFAULT_CPU_KV_BYTES, psutil.virtual_memory().available // 4)
 
 
+def tune_cpu_allocator() -> None:
+    """Keep freed activation buffers in the heap instead of returning them to the OS.
+
+    NOTE: by default glibc mmaps every allocation above 128 KiB-32 MiB and unmaps it on free,
+    so each step's temporaries page-fault afresh; that made CPU steps up to several times
+    slower. No-op where glibc's mallopt is unavailable.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device.device)
     if device.type == "cpu":
+        tune_cpu_allocator()
         torch.set_num_threads(config.device.num_threads or os.cpu_count() or 1)
     model, info = load_model(config.model.model, config.model.dtype, device)
     max_model_len = config.model.max_model_len or info.max_position_embeddings
@@ -92,9 +118,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if num_blocks < 1:
         raise ValueError(f"KV cache budget of {budget} bytes holds no block "
                          f"({per_block} bytes each); raise kv_cache_memory")
-    kv_pool = torch.zeros((info.num_layers, 2, num_blocks, block_size, info.num_kv_heads,
-                           info.head_dim), dtype=info.dtype, device=device)
-    backend = make_backend(device, config)
+    backend = make_backend(device, config, max_model_len)
+    kv_pool = allocate_kv_pool(info.num_layers, num_blocks, block_size, info.num_kv_heads,
+                               info.head_dim, info.dtype, device, backend)
     runtime = EngineRuntime(str(device), backend.name, num_blocks, block_size, max_model_len,
                             num_blocks * per_block)
     logger.info(
@@ -103,5 +129,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runtime.kv_cache_bytes / 2**20, info.dtype, runtime.num_kv_tokens / max_model_len,
         max_model_len)
     scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size), max_model_len)
-    runner = ModelRunner(model, backend, kv_pool, block_size, device)
+    graphs = None
+    if device.type == "cuda" and not config.device.enforce_eager:
+        graphs = DecodeGraphs(model, backend, list(kv_pool.unbind(0)),
+                              config.scheduler.max_num_seqs, block_size, device,
+                              pool=torch.cuda.graph_pool_handle())
+    runner = ModelRunner(model, backend, kv_pool, block_size, device, graphs)
     return EngineParts(info, runtime, scheduler, runner)

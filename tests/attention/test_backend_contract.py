@@ -40,7 +40,7 @@ def _run_steps(backend, spec, steps, block_size, dtype):
     rng = random.Random(0)
     num_blocks = 64
     kv_cache = allocate_kv_cache(1, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
-                                 dtype, torch.device("cpu"))[0]
+                                 dtype, torch.device("cpu"), backend)[0]
     free_blocks = list(range(num_blocks))
     rng.shuffle(free_blocks)
     num_seqs = len(steps[0])

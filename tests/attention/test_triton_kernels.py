@@ -182,6 +182,15 @@ def test_write_kv_fills_slots_and_skips_padding(dtype, kv_heads, head_dim):
     assert torch.equal(kv_cache.flatten(1, 2), expected)
 
 
+def _torch_layout(cache: torch.Tensor) -> torch.Tensor:
+    """[2, blocks, block, kv_heads, dim] (Triton) -> [2, kv_heads, blocks, block, dim] (Torch)."""
+    return cache.permute(0, 3, 1, 2, 4).contiguous()
+
+
+def _default_layout(cache: torch.Tensor) -> torch.Tensor:
+    return cache.permute(0, 2, 3, 1, 4).contiguous()
+
+
 def test_backend_padded_metadata_keeps_addresses_and_ignores_padding():
     """The CUDA-graph buffer contract, checked without a graph."""
     spec = AttentionSpec(4, 2, 16, 0.25, None)
@@ -202,14 +211,14 @@ def test_backend_padded_metadata_keeps_addresses_and_ignores_padding():
     q = torch.randn(4, 4, 16, device=DEVICE)
     k = torch.randn(4, 2, 16, device=DEVICE)
     v = torch.randn(4, 2, 16, device=DEVICE)
-    torch_cache = kv_cache.clone()
+    torch_cache = _torch_layout(kv_cache)
     out = backend.forward(q, k, v, kv_cache, padded, spec)
 
     torch_backend = TorchBackend()
     expected = torch_backend.forward(q[:2], k[:2], v[:2], torch_cache,
                                      torch_backend.build_metadata(layout, DEVICE), spec)
     torch.testing.assert_close(out[:2], expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kv_cache, torch_cache)  # padding tokens wrote nothing
+    torch.testing.assert_close(kv_cache, _default_layout(torch_cache))  # padding wrote nothing
 
 
 def test_backend_rejects_what_it_cannot_serve():
@@ -244,10 +253,10 @@ def _run_both_backends(spec, chunks_per_step, dtype, triton_backend, block_size=
     gen = torch.Generator().manual_seed(0)
     num_seqs = len(chunks_per_step[0])
     num_blocks = sum(-(-sum(col) // block_size) for col in zip(*chunks_per_step)) + 1
-    caches = {name: allocate_kv_cache(1, num_blocks, block_size, spec.num_kv_heads,
-                                      spec.head_dim, dtype, DEVICE)[0]
-              for name in ("triton", "torch")}
     torch_backend = TorchBackend()
+    caches = {name: allocate_kv_cache(1, num_blocks, block_size, spec.num_kv_heads,
+                                      spec.head_dim, dtype, DEVICE, backend)[0]
+              for name, backend in (("triton", None), ("torch", torch_backend))}
     tables = [[] for _ in range(num_seqs)]
     next_block = iter(range(num_blocks))
     history_k = [torch.empty(0, spec.num_kv_heads, spec.head_dim, dtype=dtype)] * num_seqs
@@ -274,7 +283,7 @@ def _run_both_backends(spec, chunks_per_step, dtype, triton_backend, block_size=
             meta = backend.build_metadata(layout, DEVICE)
             outs[name] = backend.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), caches[name],
                                          meta, spec).cpu().float()
-        assert torch.equal(caches["triton"], caches["torch"])
+        assert torch.equal(caches["triton"], _default_layout(caches["torch"]))
         tol = 1e-4 if dtype == torch.float32 else 2e-2  # GPU fp32 SDPA may differ a little more
         torch.testing.assert_close(outs["triton"], outs["torch"], atol=tol, rtol=tol)
         start = 0
@@ -344,7 +353,7 @@ def test_gpu_cuda_graph_replays_decode_with_new_metadata():
     static_k.normal_()
     static_v.normal_()
     graph.replay()
-    expected_cache = kv_cache.clone()
+    expected_cache = _torch_layout(kv_cache)
     torch_backend = TorchBackend()
     expected = torch_backend.forward(static_q[:5], static_k[:5], static_v[:5], expected_cache,
                                      torch_backend.build_metadata(layout, DEVICE), spec)

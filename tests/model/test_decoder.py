@@ -123,7 +123,7 @@ def test_forward_never_reads_tensors_on_the_host(case, model_dirs, monkeypatch):
     model, info = load_model(model_dirs(case))
     backend = TorchBackend()
     kv_caches = allocate_kv_cache(info.num_layers, 4, 4, info.num_kv_heads, info.head_dim,
-                                  info.dtype, torch.device("cpu"))
+                                  info.dtype, torch.device("cpu"), backend)
     layout = BatchLayout([5, 1], [5, 3], [[0, 1], [2]], torch.tensor([0, 1, 2, 3, 4, 10]), 4)
     ctx = ForwardContext(backend, backend.build_metadata(layout, torch.device("cpu")), kv_caches)
     ids, positions = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 1, 2, 3, 4, 2])

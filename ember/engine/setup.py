@@ -105,6 +105,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         tune_cpu_allocator()
         torch.set_num_threads(config.device.num_threads or os.cpu_count() or 1)
     model, info = load_model(config.model.model, config.model.dtype, device)
+    if device.type == "cpu":
+        model.prepack_cpu()
     max_model_len = config.model.max_model_len or info.max_position_embeddings
     if max_model_len > info.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's "

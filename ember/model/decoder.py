@@ -61,6 +61,10 @@ class DecoderModel(nn.Module):
             hidden = layer(hidden, cos, sin)
         return self.norm(hidden)
 
+    def prepack_cpu(self) -> int:
+        """Pack bf16 linear weights for oneDNN (see Linear.prepack_cpu); returns how many."""
+        return sum(m.prepack_cpu() for m in self.modules() if isinstance(m, Linear))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (matmul in the model dtype, like transformers)."""
         return self.lm_head(hidden).float()

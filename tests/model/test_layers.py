@@ -57,3 +57,32 @@ def test_gated_mlp_with_bias():
         ours.down_proj.bias.copy_(theirs.down_proj.bias)
         x = torch.randn(5, 32)
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_prepacked_bf16_linears_give_bit_identical_logits(tmp_path):
+    """oneDNN-packed weights (the CPU engine's default) change speed, never numbers."""
+    from ember.attention.backend import BatchLayout, allocate_kv_cache
+    from ember.attention.context import ForwardContext, forward_context
+    from ember.attention.torch_backend import TorchBackend
+    from ember.model.demo import build_random_model
+    from ember.model.loader import load_model
+
+    model_dir = build_random_model(tmp_path / "m", "Qwen2ForCausalLM", dtype="bfloat16",
+                                   tie_word_embeddings=True)
+    backend = TorchBackend()
+
+    def logits(model, info):
+        caches = allocate_kv_cache(info.num_layers, 4, 4, info.num_kv_heads, info.head_dim,
+                                   info.dtype, torch.device("cpu"), backend)
+        layout = BatchLayout([5, 3], [5, 3], [[0, 1], [2]], torch.tensor([0, 1, 2, 3, 4, 8, 9,
+                                                                          10]), 4)
+        meta = backend.build_metadata(layout, torch.device("cpu"))
+        ids = torch.tensor([5, 9, 17, 3, 8, 40, 41, 42])
+        pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+        with torch.inference_mode(), forward_context(ForwardContext(backend, meta, caches)):
+            return model.compute_logits(model(ids, pos))
+
+    plain = logits(*load_model(model_dir))
+    model, info = load_model(model_dir)
+    assert model.prepack_cpu() > 0
+    assert torch.equal(logits(model, info), plain)

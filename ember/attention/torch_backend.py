@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
+from ember.attention.cpu_kernel import kernel_supports, load_kernel, paged_attention
 
 
 @dataclass
@@ -41,10 +42,55 @@ class _Group:
 
 
 @dataclass
+class KernelMetadata:
+    """What the C kernel reads: every sequence of the step, in flat-batch order."""
+
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with block 0
+    query_start: torch.Tensor  # [num_seqs + 1] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+
+
+@dataclass
 class TorchMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
-    groups: list[_Group]
-    num_tokens: int
+    layout: BatchLayout
+    device: torch.device
+    kernel: KernelMetadata | None = None
+    _groups: list[_Group] | None = None
+
+    @property
+    def groups(self) -> list[_Group]:
+        """The PyTorch path's padded groups, built on first use (the kernel needs none)."""
+        if self._groups is None:
+            self._groups = _build_groups(self.layout, self.device)
+        return self._groups
+
+
+def _build_groups(layout: BatchLayout, device: torch.device) -> list[_Group]:
+    starts, total = [], 0
+    for q_len in layout.query_lens:
+        starts.append(total)
+        total += q_len
+    decode = [s for s, q in enumerate(layout.query_lens) if q == 1]
+    prefill = [s for s, q in enumerate(layout.query_lens) if q > 1]
+    groups = []
+    for seq_idx in (decode, prefill):
+        if seq_idx:
+            covers_all = len(seq_idx) == len(layout.query_lens)
+            groups.append(_build_group(layout, seq_idx, [starts[s] for s in seq_idx],
+                                       covers_all, device))
+    return groups
+
+
+def _kernel_metadata(layout: BatchLayout) -> KernelMetadata:
+    max_blocks = max(len(t) for t in layout.block_tables)
+    tables = [t + [0] * (max_blocks - len(t)) for t in layout.block_tables]
+    query_start = [0]
+    for q_len in layout.query_lens:
+        query_start.append(query_start[-1] + q_len)
+    return KernelMetadata(torch.tensor(tables, dtype=torch.int64),
+                          torch.tensor(query_start, dtype=torch.int32),
+                          torch.tensor(layout.context_lens, dtype=torch.int32))
 
 
 def _build_group(layout: BatchLayout, seq_idx: list[int], token_starts: list[int],
@@ -90,7 +136,10 @@ class TorchBackend(AttentionBackend):
     name = "torch"
     block_dim = 2  # [2, kv_heads, num_blocks, block_size, head_dim]
 
-    def __init__(self) -> None:
+    def __init__(self, use_kernel: bool = True) -> None:
+        """`use_kernel`: attend with the C kernel (cpu_kernel.py) where it supports the layer;
+        the PyTorch path below is the fallback and the reference it is tested against."""
+        self._lib = load_kernel() if use_kernel else None
         # NOTE: gathers write into these grow-only buffers: a fresh multi-MB allocation each
         # layer would be mmap'd and page-faulted by glibc every time (several times slower).
         self._key_buffer = torch.empty(0)
@@ -101,25 +150,20 @@ class TorchBackend(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TorchMetadata:
-        starts, total = [], 0
-        for q_len in layout.query_lens:
-            starts.append(total)
-            total += q_len
-        decode = [s for s, q in enumerate(layout.query_lens) if q == 1]
-        prefill = [s for s, q in enumerate(layout.query_lens) if q > 1]
-        groups = []
-        for seq_idx in (decode, prefill):
-            if seq_idx:
-                covers_all = len(seq_idx) == len(layout.query_lens)
-                groups.append(_build_group(layout, seq_idx, [starts[s] for s in seq_idx],
-                                           covers_all, device))
-        return TorchMetadata(layout.slot_mapping.to(device), groups, total)
+        kernel = _kernel_metadata(layout) if self._lib is not None else None
+        return TorchMetadata(layout.slot_mapping.to(device), layout, device, kernel)
 
     def forward(self, q, k, v, kv_cache, metadata: TorchMetadata, spec: AttentionSpec):
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [kv_heads, blocks, block, dim]
         flat_shape = (spec.num_kv_heads, -1, spec.head_dim)
         key_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
         value_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
+        kernel = metadata.kernel
+        if kernel is not None and kernel_supports(self._lib, q.dtype, spec.num_heads,
+                                                  spec.num_kv_heads, spec.head_dim):
+            return paged_attention(self._lib, q, key_cache, value_cache, kernel.block_tables,
+                                   kernel.query_start, kernel.context_lens, spec.scale,
+                                   spec.sliding_window)
         if len(metadata.groups) == 1:
             return self._attend(q, key_cache, value_cache, metadata.groups[0], spec)
         out = torch.empty_like(q)

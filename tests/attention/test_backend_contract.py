@@ -17,7 +17,18 @@ from ember.attention.triton_backend import TritonBackend  # imports triton only 
 _NEEDS_TRITON_INTERPRETER = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs triton with TRITON_INTERPRET=1 (CPU tensors)")
-BACKENDS = [TorchBackend, pytest.param(TritonBackend, marks=_NEEDS_TRITON_INTERPRETER)]
+def _torch_ops_only() -> TorchBackend:
+    return TorchBackend(use_kernel=False)
+
+
+def _torch_with_kernel() -> TorchBackend:
+    backend = TorchBackend()
+    assert backend._lib is not None, "the C kernel did not build on this machine"
+    return backend
+
+
+BACKENDS = [_torch_ops_only, _torch_with_kernel,
+            pytest.param(TritonBackend, marks=_NEEDS_TRITON_INTERPRETER)]
 
 
 def _reference(q, k_all, v_all, ctx_len, q_len, spec):

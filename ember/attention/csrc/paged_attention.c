@@ -12,6 +12,7 @@
 #include <string.h>
 
 #define MAX_GROUP 64
+#define PREFETCH_AHEAD 4 /* blocks: enough lead to cover DRAM latency on scattered tables */
 #define MAX_BLOCK_SHIFT 7
 #define MAX_BLOCK (1 << MAX_BLOCK_SHIFT)
 
@@ -61,12 +62,16 @@ static void NAME(const T *q, const T *k_head, const T *v_head, const int64_t *ta
             sums[g] = 0.f;                                                                     \
         }                                                                                      \
         const int first_block = lo >> block_shift, last_block = pos >> block_shift;            \
+        for (int b = first_block; b < first_block + PREFETCH_AHEAD && b <= last_block; ++b) {  \
+            prefetch_block(k_head, table[b], block_shift, DIM * sizeof(T));                    \
+            prefetch_block(v_head, table[b], block_shift, DIM * sizeof(T));                    \
+        }                                                                                      \
         for (int b = first_block; b <= last_block; ++b) {                                      \
             const T *kb = k_head + table[b] * block_elems;                                     \
             const T *vb = v_head + table[b] * block_elems;                                     \
-            if (b < last_block) {                                                              \
-                prefetch_block(k_head, table[b + 1], block_shift, DIM * sizeof(T));            \
-                prefetch_block(v_head, table[b + 1], block_shift, DIM * sizeof(T));            \
+            if (b + PREFETCH_AHEAD <= last_block) {                                            \
+                prefetch_block(k_head, table[b + PREFETCH_AHEAD], block_shift, DIM * sizeof(T)); \
+                prefetch_block(v_head, table[b + PREFETCH_AHEAD], block_shift, DIM * sizeof(T)); \
             }                                                                                  \
             const int j0 = b == first_block ? lo - (b << block_shift) : 0;                     \
             const int j1 = b == last_block ? pos - (b << block_shift) + 1 : block_size;        \

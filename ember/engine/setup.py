@@ -101,6 +101,7 @@ def tune_cpu_allocator() -> None:
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device.device)
+    torch.manual_seed(config.model.seed)  # unseeded requests draw from the global generator
     if device.type == "cpu":
         tune_cpu_allocator()
         torch.set_num_threads(config.device.num_threads or os.cpu_count() or 1)

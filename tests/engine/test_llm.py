@@ -185,3 +185,11 @@ def test_bad_engine_option_and_token_ids_are_named(model_dir, llm):
         llm.generate([{"prompt_token_ids": [1, 2, 10**6]}], GREEDY)
     with pytest.raises(ValueError, match="prompt"):
         llm.generate([{"prompt_ids": [1, 2]}], GREEDY)
+
+
+def test_engine_seed_makes_unseeded_sampling_repeatable(model_dir):
+    params = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    runs = [LLM(str(model_dir), dtype="float32", seed=s).generate("hello", params)[0]
+            for s in (5, 5, 6)]
+    assert runs[0].outputs[0].token_ids == runs[1].outputs[0].token_ids
+    assert runs[0].outputs[0].token_ids != runs[2].outputs[0].token_ids

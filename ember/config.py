@@ -36,7 +36,8 @@ class CacheConfig:
     block_size: int = field(default=16, metadata={"help": "Tokens per KV block."})
     kv_cache_memory: int | None = field(
         default=None,
-        metadata={"help": "Bytes of KV cache on CPU (default: 1 GiB, capped by free memory)."},
+        metadata={"help": "Bytes of KV cache (default: CPU 1 GiB capped by free memory; "
+                          "GPU what gpu_memory_utilization leaves after the weights)."},
     )
     gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "Fraction of free GPU memory for weights + KV cache."}

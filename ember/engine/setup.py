@@ -74,12 +74,12 @@ def make_backend(device: torch.device, config: EngineConfig,
 
 
 def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.cache.kv_cache_memory is not None:
+        return config.cache.kv_cache_memory
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         return int(total * config.cache.gpu_memory_utilization) - used
-    if config.cache.kv_cache_memory is not None:
-        return config.cache.kv_cache_memory
     return min(DEFAULT_CPU_KV_BYTES, psutil.virtual_memory().available // 4)
 
 

@@ -36,12 +36,12 @@ from ember.engine.messages import (
 )
 from ember.engine.output_processor import OutputProcessor
 from ember.engine.outputs import RequestOutput
+from ember.engine.prompts import PromptType, tokenize_prompt
 from ember.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 # A prompt: text, token ids, or {"prompt": text} / {"prompt_token_ids": ids[, "prompt": text]}.
-PromptType = str | list[int] | dict[str, Any]
 
 
 class _OutputQueue:
@@ -382,21 +382,3 @@ class AsyncEngineClient:
             waiter = self._stats_waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
-
-
-def tokenize_prompt(tokenizer: Any, prompt: PromptType) -> tuple[str | None, list[int]]:
-    """(text, token ids) of a prompt, as the offline LLM tokenises it."""
-    if isinstance(prompt, str):
-        return prompt, tokenizer.encode(prompt)
-    if isinstance(prompt, list):
-        return None, list(prompt)
-    if isinstance(prompt, dict):
-        unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-        if unknown:
-            raise ValueError(f"unknown prompt field(s) {sorted(unknown)}")
-        if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
-            return prompt["prompt"], tokenizer.encode(prompt["prompt"])
-    raise ValueError("a prompt is a string, a list of token ids, or a dict with 'prompt' or "
-                     "'prompt_token_ids'")

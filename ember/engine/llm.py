@@ -15,10 +15,9 @@ from ember.engine.engine_core import EngineCore
 from ember.engine.messages import EngineCoreRequest
 from ember.engine.output_processor import OutputProcessor
 from ember.engine.outputs import RequestOutput
+from ember.engine.prompts import PromptType, tokenize_prompt
 from ember.engine.sampling_params import SamplingParams
 from ember.model.tokenizer import load_tokenizer
-
-PromptType = str | dict[str, Any]
 
 
 class LLM:
@@ -43,6 +42,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order."""
         if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        elif prompts and isinstance(prompts[0], int):  # one prompt of token ids
             prompts = [prompts]
         params_list = self._params_per_prompt(len(prompts), sampling_params)
         request_ids = []
@@ -80,24 +81,11 @@ class LLM:
         return params
 
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = tokenize_prompt(self.tokenizer, prompt)
         request_id = str(next(self._ids))
         self.engine.add_request(EngineCoreRequest(request_id, token_ids, params, time.monotonic()))
         self._processor.add_request(request_id, text, token_ids, params)
         return request_id
-
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown:
-                raise ValueError(f"unknown prompt field(s) {sorted(unknown)}")
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'")
 
     def _abort(self, request_ids: list[str]) -> None:
         self.engine.abort_requests(request_ids)

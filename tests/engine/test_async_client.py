@@ -74,8 +74,10 @@ async def collect(client: AsyncEngineClient, prompt, params: SamplingParams,
 
 
 async def wait_until_idle(client: AsyncEngineClient):
+    """Stats once the core has no request left (an abort is applied between steps); on a
+    loaded 2-core machine that can take a while, so poll for up to 15 s."""
     stats = await client.get_stats()
-    for _ in range(100):
+    for _ in range(1500):
         if stats.num_requests == 0:
             break
         await asyncio.sleep(0.01)

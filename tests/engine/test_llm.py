@@ -193,3 +193,14 @@ def test_engine_seed_makes_unseeded_sampling_repeatable(model_dir):
             for s in (5, 5, 6)]
     assert runs[0].outputs[0].token_ids == runs[1].outputs[0].token_ids
     assert runs[0].outputs[0].token_ids != runs[2].outputs[0].token_ids
+
+
+def test_chat_applies_the_models_chat_template(llm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    expected = llm.get_tokenizer().apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+    assert expected.endswith("<|im_start|>assistant\n")
+    chat = llm.chat(messages, GREEDY.clone(max_tokens=6))[0]
+    plain = llm.generate(expected, GREEDY.clone(max_tokens=6))[0]
+    assert chat.prompt == expected
+    assert chat.outputs[0].token_ids == plain.outputs[0].token_ids

@@ -39,6 +39,11 @@ class AttentionSpec:
     sliding_window: int | None = None  # keys with pos <= q_pos - window are masked
 
 
+def default_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_dim: int) -> tuple[int, ...]:
+    return (2, num_blocks, block_size, num_kv_heads, head_dim)
+
+
 class AttentionBackend(ABC):
     """Paged attention over one KV cache tensor per layer, laid out as the backend chooses.
 
@@ -51,7 +56,7 @@ class AttentionBackend(ABC):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:
-        return (2, num_blocks, block_size, num_kv_heads, head_dim)
+        return default_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
 
     @abstractmethod
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> object:
@@ -95,11 +100,9 @@ def allocate_kv_pool(
     device: torch.device,
     backend: AttentionBackend | None = None,
 ) -> torch.Tensor:
-    """[num_layers, *backend.kv_cache_shape(...)] zeros."""
-    if backend is None:
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    else:
-        shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
+    """[num_layers, *backend.kv_cache_shape(...)] zeros (the default layout without one)."""
+    shape_of = backend.kv_cache_shape if backend is not None else default_kv_cache_shape
+    shape = shape_of(num_blocks, block_size, num_kv_heads, head_dim)
     return torch.zeros((num_layers, *shape), dtype=dtype, device=device)
 
 

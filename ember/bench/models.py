@@ -6,13 +6,8 @@ into the ember cache dir, then reused; parameter counts come from the config alo
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
-
-from ember.envs import cache_dir
 
 # Shapes; "10m" ties its embedding to the LM head (as the demo model does) to land near 10M.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -32,24 +27,10 @@ def build_bench_model(size: str, root: Path | None = None) -> Path:
     """The model directory for `size` (built on first use, atomically, then cached)."""
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; known: {list(MODEL_SIZES)}")
-    from ember.model.demo import build_random_model
+    from ember.model.demo import cached_model_dir
 
-    root = root or cache_dir() / "models"
-    final = root / bench_model_name(size)
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        build_random_model(tmp, "LlamaForCausalLM", dtype="bfloat16",
-                           max_position_embeddings=4096, **MODEL_SIZES[size])
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_model_dir(bench_model_name(size), root, architecture="LlamaForCausalLM",
+                            dtype="bfloat16", max_position_embeddings=4096, **MODEL_SIZES[size])
 
 
 def count_parameters(config: dict[str, Any]) -> dict[str, int]:

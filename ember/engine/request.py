@@ -73,12 +73,14 @@ class Request:
     max_total_tokens: int = 0  # context limit: prompt + outputs never exceed it
     sequences: list[Sequence] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) + stop_token_ids
+    sorted_stop_token_ids: list[int] = field(default_factory=list)  # masked under min_tokens
 
     def __post_init__(self) -> None:
         ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             ids.update(self.eos_token_ids)
         self.stop_token_ids = frozenset(ids)
+        self.sorted_stop_token_ids = sorted(ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -118,7 +118,7 @@ class ModelRunner:
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=seq.output_token_ids,
                     generator=self._generator(seq.seq_id, request.params.seed, seq.index),
-                    min_tokens_suppressed_ids=sorted(request.stop_token_ids),
+                    min_tokens_suppressed_ids=request.sorted_stop_token_ids,
                 ))
                 seq_ids.append(seq.seq_id)
         if not rows:

@@ -131,19 +131,17 @@ def build_random_model(
     return out
 
 
-def demo_model_dir() -> Path:
-    """The default model of `ember serve`: a ~10M-parameter Llama (bf16, 32k vocab).
-
-    Built once into the cache dir (atomically: built in a temp dir, then renamed) and reused.
-    """
-    root = cache_dir() / "models"
-    final = root / DEMO_MODEL_NAME
+def cached_model_dir(name: str, root: Path | None = None, **recipe: Any) -> Path:
+    """`root/name` (default: the cache dir's models/), built by `build_random_model(**recipe)`
+    on first use: atomically (built in a temp dir, then renamed), and reused afterwards."""
+    root = root or cache_dir() / "models"
+    final = root / name
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        build_random_model(tmp, **DEMO_MODEL_RECIPE)
+        build_random_model(tmp, **recipe)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is for every user of the machine
         os.rename(tmp, final)  # atomic; fails if another process finished first
     except OSError:
@@ -152,3 +150,8 @@ def demo_model_dir() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def demo_model_dir() -> Path:
+    """The default model of `ember serve`: a ~10M-parameter Llama (bf16, 32k vocab)."""
+    return cached_model_dir(DEMO_MODEL_NAME, **DEMO_MODEL_RECIPE)

@@ -18,7 +18,7 @@ from ember.envs import cache_dir
 from ember.model.demo_tokenizer import BOS, EOS, PAD, save_demo_tokenizer
 from ember.model.registry import get_arch_spec
 
-DEMO_MODEL_NAME = "demo-llama-10m-bf16-v1"  # bump the suffix whenever the recipe changes
+DEMO_MODEL_NAME = "demo-llama-10m-bf16-v2"  # bump the suffix whenever the recipe changes
 DEMO_MODEL_RECIPE: dict[str, Any] = {
     "architecture": "LlamaForCausalLM", "vocab_size": 32000, "hidden_size": 256,
     "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 640,

@@ -13,17 +13,36 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 BOS, EOS, PAD = "<s>", "<|im_end|>", "<pad>"
 
+# ChatML with Hermes-style tool calling: tools are listed in the system turn, a call is
+# `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, a result is a `tool` turn.
+TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% elif message['content'] %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
-    "{{ '<tool_call>' + (call['function'] | tojson) + '</tool_call>' }}{% endfor %}{% endif %}"
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- elif content -%}{%- for part in content -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\n' }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ text(messages[0]['content']) + '\n\n' }}{%- endif -%}"
+    "{{ 'Tools you may call, one JSON signature per line:\n<tools>\n' }}"
+    "{%- for tool in tools -%}{{ tool | tojson }}{{ '\n' }}{%- endfor -%}"
+    "{{ '</tools>\nTo call one, answer with <tool_call>\n{\"name\": <name>, "
+    "\"arguments\": <JSON object>}\n</tool_call> for each call.<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + text(message['content']) }}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set args = call['function']['arguments'] -%}"
+    "{{ '<tool_call>\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{- (args if args is string else (args | tojson)) + '}\n</tool_call>' }}"
+    "{%- endfor -%}"
     "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
 _WORDS = (

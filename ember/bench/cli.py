@@ -1,5 +1,6 @@
-"""`ember bench ...` sub-commands: argument parsing only; the work lives in throughput.py and
-efficiency.py. `add_bench_parser` hooks into ember/cli.py; `python -m ember.bench.cli` also runs.
+"""`ember bench ...` sub-commands: argument parsing only; the work lives in throughput.py,
+efficiency.py and serve/. `add_bench_parser` hooks into ember/cli.py; `python -m ember.bench.cli`
+also runs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ember.bench.models import MODEL_SIZES
+from ember.bench.serve.cli import add_serve_parser
 
 
 def _sizes(value: str) -> tuple[str, ...]:
@@ -70,7 +72,7 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `bench throughput` and `bench efficiency` to the `ember` command's sub-parsers."""
+    """Add `bench throughput|efficiency|serve` to the `ember` command's sub-parsers."""
     bench = subparsers.add_parser("bench", help="Benchmarks: throughput vs vLLM/transformers, "
                                   "step efficiency.")
     sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -111,6 +113,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     eff.add_argument("--kv-cache-gib", type=float, default=1.0, help="ember's KV cache, GiB.")
     eff.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
     eff.set_defaults(func=cmd_efficiency)
+
+    add_serve_parser(sub)
     return bench
 
 

@@ -11,16 +11,20 @@ import logging
 import sys
 from typing import Any
 
-from ember.config import option_fields
+from ember.config import EngineConfig, ServerConfig, option_fields
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options")
     group.add_argument("--model", default=None,
                        help="Hugging Face-format model directory (default: the demo model).")
-    for name, f in option_fields():
-        if name == "model":
-            continue
+    _add_field_options(group, [(n, f) for n, f in option_fields() if n != "model"])
+
+
+def _add_field_options(group: argparse._ArgumentGroup,
+                       named_fields: list[tuple[str, dataclasses.Field]]) -> None:
+    """One flag per config field, its help and default from the field's metadata."""
+    for name, f in named_fields:
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -55,10 +59,19 @@ def _model_dir(args: argparse.Namespace) -> str:
     return str(demo_model_dir())
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from ember.interactive import run_interactive
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+                           if getattr(args, f.name, None) is not None})
 
-    return run_interactive(_model_dir(args), engine_options(args))
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ember.server.launch import run_server
+
+    model = _model_dir(args)
+    config = EngineConfig.from_options(model, **engine_options(args))
+    server = server_config(args)
+    name = server.served_model_name or (args.model if args.model else "demo")
+    return run_server(config, server, name)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -75,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="ember: open LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="Start the engine on a model and take prompts.")
+    serve = sub.add_parser("serve", help="Serve a model over the OpenAI HTTP API.")
     _add_engine_options(serve)
+    _add_field_options(serve.add_argument_group("server options"),
+                       [(f.name, f) for f in dataclasses.fields(ServerConfig)])
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="Generate completions for prompts and exit.")

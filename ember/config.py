@@ -125,6 +125,40 @@ class EngineConfig:
         return dataclasses.replace(self, **sections)
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP front end of `ember serve` (not part of EngineConfig: the engine never sees it)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    api_key: str | None = field(
+        default=None, metadata={"help": "Require `Authorization: Bearer KEY` on /v1 routes."}
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Model id clients send (default: the directory's name)."}
+    )
+    max_queued_requests: int = field(
+        default=512,
+        metadata={"help": "Requests waiting for their first token beyond which new ones get "
+                          "429 with Retry-After."},
+    )
+    max_request_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"help": "Largest request body (413 beyond)."}
+    )
+    shutdown_grace_s: float = field(
+        default=30.0, metadata={"help": "On SIGTERM, how long in-flight streams may finish."}
+    )
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_queued_requests", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+
+
 def option_fields() -> list[tuple[str, dataclasses.Field]]:
     """Every flat engine option with its field (for the CLI's --help)."""
     return [(f.name, f) for section in _SECTIONS.values() for f in fields(section)]

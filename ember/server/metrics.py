@@ -1,0 +1,84 @@
+"""Prometheus metrics of one `ember serve` worker, with vLLM's metric names under `ember:`.
+
+Latency histograms and token counters are observed by the front end per request; running,
+waiting, KV usage and preemptions are read from the engine core's stats at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ember.engine.messages import EngineCoreStats
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                60.0, 120.0, 240.0, 480.0)
+
+
+class _EngineStatsCollector(Collector):
+    """Engine-side values, from the last stats snapshot taken before each scrape."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats = EngineCoreStats()
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s, labels = self.stats, [self.model_name]
+        for name, doc, value in (
+            ("ember:num_requests_running", "Sequences in the running batch.", s.num_running),
+            ("ember:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
+            ("ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+             s.kv_usage),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
+            gauge.add_metric(labels, value)
+            yield gauge
+        preemptions = CounterMetricFamily("ember:num_preemptions", "Sequences preempted.",
+                                          labels=["model_name"])
+        preemptions.add_metric(labels, s.num_preemptions)
+        yield preemptions
+
+
+class ServerMetrics:
+    """One registry per server (tests run several in one process)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        reg = self.registry
+        self.ttft = Histogram("ember:time_to_first_token_seconds", "Time to first token.",
+                              labels, buckets=_LATENCY_BUCKETS, registry=reg).labels(model_name)
+        self.itl = Histogram("ember:inter_token_latency_seconds", "Time between output tokens.",
+                             labels, buckets=_ITL_BUCKETS, registry=reg).labels(model_name)
+        self.e2e = Histogram("ember:e2e_request_latency_seconds", "Request latency, end to end.",
+                             labels, buckets=_E2E_BUCKETS, registry=reg).labels(model_name)
+        self.prompt_tokens = Counter("ember:prompt_tokens", "Prefill tokens processed.",
+                                     labels, registry=reg).labels(model_name)
+        self.generation_tokens = Counter("ember:generation_tokens", "Tokens generated.",
+                                         labels, registry=reg).labels(model_name)
+        self._success = Counter("ember:request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=reg)
+        self.prefix_cache_queries = Counter(
+            "ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels,
+            registry=reg).labels(model_name)
+        self.prefix_cache_hits = Counter(
+            "ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels,
+            registry=reg).labels(model_name)
+        self.engine = _EngineStatsCollector(model_name)
+        reg.register(self.engine)
+
+    def observe_finished(self, finish_reason: str) -> None:
+        self._success.labels(self.model_name, finish_reason).inc()
+
+    def render(self, stats: EngineCoreStats | None) -> bytes:
+        if stats is not None:
+            self.engine.stats = stats
+        return generate_latest(self.registry)

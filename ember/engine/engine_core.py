@@ -1,6 +1,7 @@
 """EngineCore: the engine loop. `step()` reads as schedule, execute, update.
 
-Owns the scheduler, KV cache and runner; tokenizer-free (text lives in the front end).
+Owns the scheduler, KV cache and runner; tokenizer-free (text lives in the front end) except that
+structured output loads the tokenizer on its first request to compile grammars.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from ember.config import EngineConfig
+from ember.engine.constraint import SamplingConstraint
 from ember.engine.messages import EngineCoreOutput, EngineCoreRequest
 from ember.engine.request import FinishReason, Request
 from ember.engine.runner import ModelRunner
@@ -25,6 +27,7 @@ class EngineCore:
         self.runtime = parts.runtime
         self.scheduler: Scheduler = parts.scheduler
         self.runner: ModelRunner = parts.runner
+        self.constraint: SamplingConstraint = parts.constraint
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -37,6 +40,7 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {vocab}):"
                              f" {bad[:5]}")
+        self.constraint.admit(request)  # compiles a structured-output grammar (ValueError if bad)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:

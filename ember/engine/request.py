@@ -36,6 +36,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    constraint_state: object | None = None  # the SamplingConstraint's (e.g. a grammar matcher)
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +75,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) + stop_token_ids
     sorted_stop_token_ids: list[int] = field(default_factory=list)  # masked under min_tokens
+    constraint: object | None = None  # set by the SamplingConstraint (e.g. a compiled grammar)
 
     def __post_init__(self) -> None:
         ids = set(self.params.stop_token_ids)

@@ -9,6 +9,7 @@ import torch
 
 from ember.attention.backend import AttentionBackend, BatchLayout
 from ember.attention.context import ForwardContext, forward_context
+from ember.engine.constraint import SamplingConstraint
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.sampler import Sampler, SamplingRow, compute_token_logprobs, make_generator
 from ember.engine.scheduler_output import (
@@ -28,9 +29,11 @@ class ModelRunner:
         kv_pool: torch.Tensor,  # [num_layers, *backend.kv_cache_shape(...)]
         block_size: int,
         device: torch.device,
+        constraint: SamplingConstraint,  # e.g. structured output; masks logits around sampling
         decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.constraint = constraint
         self.decode_graphs = decode_graphs
         self.backend = backend
         self.kv_pool = kv_pool
@@ -108,29 +111,31 @@ class ModelRunner:
 
     def _sample(self, chunks: list[ScheduledChunk],
                 logits: torch.Tensor) -> dict[int, SampledToken]:
-        rows: list[SamplingRow] = []
-        seq_ids: list[int] = []
-        for chunk in chunks:
-            for seq in chunk.sample_seqs:
-                request = seq.request
-                rows.append(SamplingRow(
-                    params=request.params,
-                    prompt_token_ids=request.prompt_token_ids,
-                    output_token_ids=seq.output_token_ids,
-                    generator=self._generator(seq.seq_id, request.params.seed, seq.index),
-                    min_tokens_suppressed_ids=request.sorted_stop_token_ids,
-                ))
-                seq_ids.append(seq.seq_id)
-        if not rows:
+        seqs = [seq for chunk in chunks for seq in chunk.sample_seqs]
+        if not seqs:
             return {}
+        rows = [
+            SamplingRow(
+                params=seq.request.params,
+                prompt_token_ids=seq.request.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                generator=self._generator(seq.seq_id, seq.request.params.seed, seq.index),
+                min_tokens_suppressed_ids=seq.request.sorted_stop_token_ids,
+            )
+            for seq in seqs
+        ]
+        # The sampling-constraint hook. NOTE: constrained rows' logprobs are therefore those of
+        # the masked distribution (disallowed tokens at -inf), as in vLLM.
+        self.constraint.mask_logits_(seqs, logits)
         out = self.sampler(logits, rows)
+        is_final = self.constraint.accept_tokens(seqs, out.token_ids)
         sampled: dict[int, SampledToken] = {}
-        for i, seq_id in enumerate(seq_ids):
-            token = SampledToken(out.token_ids[i])
+        for i, seq in enumerate(seqs):
+            token = SampledToken(out.token_ids[i], is_final=is_final[i])
             if out.logprobs is not None and rows[i].params.logprobs is not None:
                 token.logprob, token.rank = out.logprobs[i], out.ranks[i]
                 token.top = list(zip(out.top_token_ids[i], out.top_logprobs[i]))
-            sampled[seq_id] = token
+            sampled[seq.seq_id] = token
         return sampled
 
     def _generator(self, seq_id: int, seed: int | None, index: int) -> torch.Generator | None:

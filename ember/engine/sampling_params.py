@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.structured.spec import parse_spec
+
 _UNSET: Any = object()
 
 
@@ -33,6 +35,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # Grammar the output must follow: exactly one of {"json": schema}, {"json_object": True},
+    # {"regex": str}, {"grammar": EBNF}, {"structural_tag": dict}, plus optional
+    # "any_whitespace" (default False: one-line JSON). See ember/structured/spec.py.
+    structured_output: dict | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         known = {f.name: f for f in dataclasses.fields(self)}
@@ -78,6 +84,11 @@ class SamplingParams:
                "must be non-negative token ids", self.stop_token_ids)
         _check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer",
                self.seed)
+        if self.structured_output is not None:
+            parse_spec(self.structured_output)
+            # NOTE: a complete grammar allows only stop tokens, which min_tokens would mask.
+            _check(self.min_tokens == 0, "min_tokens", "must be 0 with structured_output",
+                   self.min_tokens)
 
     @property
     def is_greedy(self) -> bool:

@@ -239,7 +239,7 @@ class Scheduler:
                 sample_seq.token_ids.append(sampled.token_id)
                 update = SeqUpdate(sample_seq, [sampled.token_id], [sampled],
                                    prompt_lp if sample_seq is seq else None)
-                update.finished = self._check_stop(sample_seq, sampled.token_id)
+                update.finished = self._check_stop(sample_seq, sampled)
                 updates.append(update)
         return updates
 
@@ -249,9 +249,11 @@ class Scheduler:
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 
-    def _check_stop(self, seq: Sequence, token_id: int) -> bool:
+    def _check_stop(self, seq: Sequence, sampled: SampledToken) -> bool:
         params = seq.request.params
-        if seq.num_output_tokens >= params.min_tokens and token_id in seq.request.stop_token_ids:
+        token_id = sampled.token_id
+        if sampled.is_final or (seq.num_output_tokens >= params.min_tokens
+                                and token_id in seq.request.stop_token_ids):
             self.finish_sequence(seq, FinishReason.STOP, token_id)
         elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             self.finish_sequence(seq, FinishReason.LENGTH)

@@ -44,6 +44,7 @@ class SampledToken:
     logprob: float | None = None
     rank: int | None = None
     top: list[tuple[int, float]] = field(default_factory=list)  # best alternatives
+    is_final: bool = False  # the sampling constraint is complete: the sequence stops here
 
 
 @dataclass

@@ -15,11 +15,13 @@ import torch
 
 from ember.attention.backend import AttentionBackend, allocate_kv_pool, kv_bytes_per_block
 from ember.config import EngineConfig
+from ember.engine.constraint import SamplingConstraint
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
 from ember.model.loader import ModelInfo, load_model
+from ember.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger("ember")
 
@@ -46,6 +48,7 @@ class EngineParts:
     runtime: EngineRuntime
     scheduler: Scheduler
     runner: ModelRunner
+    constraint: SamplingConstraint  # admits requests in the core, masks logits in the runner
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,5 +140,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         graphs = DecodeGraphs(model, backend, list(kv_pool.unbind(0)),
                               config.scheduler.max_num_seqs, block_size, device,
                               pool=torch.cuda.graph_pool_handle())
-    runner = ModelRunner(model, backend, kv_pool, block_size, device, graphs)
-    return EngineParts(info, runtime, scheduler, runner)
+    constraint = StructuredOutputManager(config.model.model, info.vocab_size, info.eos_token_ids)
+    runner = ModelRunner(model, backend, kv_pool, block_size, device, constraint, graphs)
+    return EngineParts(info, runtime, scheduler, runner, constraint)

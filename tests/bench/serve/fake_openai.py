@@ -24,7 +24,8 @@ class Received:
     headers: dict[str, str]
     body: dict[str, Any]
     start: float  # time.perf_counter() when the handler began
-    end: float | None = None  # after [DONE] (or the error body) was written
+    end: float | None = None  # just before [DONE] (or the error body) is written
+    answer: str = ""  # the content streamed back
 
 
 def _words(body: dict[str, Any]) -> list[str]:
@@ -40,8 +41,9 @@ def _words(body: dict[str, Any]) -> list[str]:
 
 @dataclass
 class FakeOpenAIServer:
-    """Each request gets `max_tokens` tokens (`tokens_per_chunk` per content chunk) as
-    "w0 w1 ...", after a role-only chunk, `ttft_s` before the first and `itl_s` between chunks.
+    """Request `idx` gets `max_tokens` tokens (`tokens_per_chunk` per content chunk) as
+    "r{idx}t0 r{idx}t1 ...", after a role-only chunk, `ttft_s` before the first and `itl_s`
+    between chunks.
     Usage counts prompt words; cached tokens are the longest word prefix shared with an
     earlier request. `error_at` maps arrival index -> HTTP status to fail with."""
 
@@ -65,16 +67,18 @@ class FakeOpenAIServer:
         self.received.append(rec)
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        try:
-            if idx in self.error_at:
-                status = self.error_at[idx]
-                err = {"error": {"message": f"scripted failure {status}", "type": "bad",
-                                 "code": status}}
-                return web.json_response(err, status=status)
-            return await self._stream(request, rec, idx)
-        finally:
-            self._in_flight -= 1
-            rec.end = time.perf_counter()
+        if idx in self.error_at:
+            status = self.error_at[idx]
+            self._finish(rec)
+            return web.json_response({"error": {"message": f"scripted failure {status}",
+                                                "type": "bad", "code": status}}, status=status)
+        return await self._stream(request, rec, idx)
+
+    def _finish(self, rec: Received) -> None:
+        # NOTE: called before the last bytes go out: once the client reads them it may send
+        # its next request, which must find this one ended and out of flight
+        rec.end = time.perf_counter()
+        self._in_flight -= 1
 
     async def _stream(self, request: web.Request, rec: Received, idx: int) -> web.StreamResponse:
         body = rec.body
@@ -100,7 +104,8 @@ class FakeOpenAIServer:
             if first:
                 await asyncio.sleep(self.itl_s)
             last = min(first + self.tokens_per_chunk, num_tokens)
-            text = "".join(f"w{i} " for i in range(first, last))
+            text = "".join(f"r{idx}t{i} " for i in range(first, last))
+            rec.answer += text
             await send({"id": f"r{idx}", "choices": [choice(text)]})
         await send({"id": f"r{idx}", "choices": [choice("", "length")]})
         if self.send_usage and body.get("stream_options", {}).get("include_usage"):
@@ -109,6 +114,7 @@ class FakeOpenAIServer:
                 "prompt_tokens": len(words), "completion_tokens": num_tokens,
                 "total_tokens": len(words) + num_tokens,
                 "prompt_tokens_details": {"cached_tokens": self._cached(words, rec)}}})
+        self._finish(rec)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

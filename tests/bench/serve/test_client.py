@@ -42,7 +42,7 @@ def test_stream_is_parsed_and_timed(endpoint: str) -> None:
         r = _send(server, endpoint, max_tokens=5, headers={"x-test": "1"})
     assert r.success and r.status == 200 and r.error is None
     assert r.request_idx == 7
-    assert r.text == "w0 w1 w2 w3 w4 "
+    assert r.text == "r0t0 r0t1 r0t2 r0t3 r0t4 "
     assert r.num_content_chunks == 5
     # the fake counts prompt words (and, for chat, each message's role)
     assert r.has_usage and r.prompt_tokens == (3 if endpoint == "chat" else 2)
@@ -52,7 +52,9 @@ def test_stream_is_parsed_and_timed(endpoint: str) -> None:
     # the chat role-only chunk arrives at once but carries no content: TTFT waits for text
     assert r.ttft_s >= TTFT_S
     assert len(r.itl_s) == 4
-    assert sum(r.itl_s) >= 4 * ITL_S
+    # the last content chunk cannot arrive before the server's scripted time for it (one gap
+    # alone may look short when the chunk before it was read late)
+    assert r.ttft_s + sum(r.itl_s) >= TTFT_S + 4 * ITL_S
     assert r.e2e_s >= r.ttft_s + sum(r.itl_s) - 1e-9
     assert r.e2e_s >= TTFT_S + 4 * ITL_S
     assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 4)
@@ -68,7 +70,6 @@ def test_chunks_carrying_several_tokens_use_usage_for_tpot() -> None:
     assert r.num_content_chunks == 3 and len(r.itl_s) == 2
     assert r.completion_tokens == 12
     assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 11)
-    assert r.tpot_s < sum(r.itl_s) / len(r.itl_s)
 
 
 def test_without_usage_counts_content_chunks() -> None:

@@ -118,6 +118,8 @@ def to_table(summary: dict[str, Any]) -> str:
         f"{_fmt(summary['output_token_throughput'], 1)} output tok/s, "
         f"{_fmt(summary['total_token_throughput'], 1)} total tok/s",
     ]
+    for key, message in summary["error_examples"].items():
+        lines.append(f"  error {key}: {message[:120]}")
     if summary["goodput"] is not None:
         g = summary["goodput"]
         lines.append(f"goodput: {_fmt(g['requests_per_s'])} req/s "

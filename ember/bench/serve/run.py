@@ -42,9 +42,10 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     """Run the load, print the table, write the JSON/PNG asked for; returns the summary."""
     model, results, duration_s = asyncio.run(_run(cfg))
     summary = summarize(results, duration_s, cfg.slos_ms)
-    rate = "inf" if math.isinf(cfg.rate) else f"{cfg.rate:g}"
-    print(f"ember bench serve: {cfg.dataset} x {len(results)} -> {cfg.endpoint_url} "
-          f"({model}), rate {rate}/s, max concurrency {cfg.max_concurrency or '-'}")
+    unit = "sessions/s" if cfg.dataset == "sessions" else "req/s"
+    rate = ("inf" if math.isinf(cfg.rate) else f"{cfg.rate:g}") + " " + unit
+    print(f"ember bench serve: {cfg.dataset}, {len(results)} requests -> {cfg.endpoint_url} "
+          f"({model}), rate {rate}, max concurrency {cfg.max_concurrency or '-'}")
     print(to_table(summary))
     if cfg.output is not None:
         write_json(cfg.output, cfg, model, summary, results)
@@ -52,6 +53,6 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     if cfg.plot is not None:
         from ember.bench.serve.plot import write_plot
 
-        write_plot(cfg.plot, results, f"{model} @ {rate} req/s, {cfg.dataset}")
+        write_plot(cfg.plot, results, f"{model} @ {rate}, {cfg.dataset}")
         print(f"plot: {cfg.plot}", file=sys.stderr)
     return summary

@@ -61,17 +61,16 @@ def build_app(state: ServerState, engine_config: EngineConfig, *,
 
     @app.get("/health")
     async def health() -> Response:
-        if state.is_ready:
-            return JSONResponse({"status": "ok"})
         try:
-            state.admit()
+            state.check_serving()
         except APIError as err:
             return error_response(err)
-        return error_response(APIError(503, "not ready"))
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        max_len = state.max_model_len if state.client is not None else None
+        state.check_serving()
+        max_len = state.max_model_len
         return {"object": "list", "data": [{
             "id": state.model_name, "object": "model", "created": state.created,
             "owned_by": "ember", "root": engine_config.model.model, "max_model_len": max_len}]}

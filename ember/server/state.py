@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +28,6 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def is_ready(self) -> bool:
-        return self.client is not None and self.client.is_running and not self.is_draining
-
-    @property
     def tokenizer(self) -> Any:
         return self.client.tokenizer
 
@@ -47,6 +42,13 @@ class ServerState:
 
     def admit(self) -> None:
         """Raises 503 while loading, draining or after the engine died; 429 when over the bound."""
+        self.check_serving()
+        if self.num_queued >= self.config.max_queued_requests:
+            raise APIError(429, f"too many requests waiting ({self.num_queued}); retry shortly",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    def check_serving(self) -> None:
+        """Raises 503 unless the engine is up and the server is not draining."""
         if self.is_draining:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if self.client is None:
@@ -55,56 +57,76 @@ class ServerState:
             raise APIError(503, why, headers={"Retry-After": "5"})
         if not self.client.is_running:
             raise APIError(503, "the engine is not running", headers={"Retry-After": "5"})
-        if self.num_queued >= self.config.max_queued_requests:
-            raise APIError(429, f"too many requests waiting ({self.num_queued}); retry shortly",
-                           code="queue_full", headers={"Retry-After": "1"})
 
     def generate(self, prompt: PromptType, params: SamplingParams,
-                          request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                 request_id: str | None = None) -> TrackedStream:
         """Submit a request now and stream its outputs, recording its metrics.
 
-        The caller must close the iterator (`contextlib.aclosing`): that aborts an unfinished
-        request at once and keeps the queue count right.
+        The request counts as queued from this call until its first output. The caller must
+        close the stream (`aclose`): that aborts an unfinished request at once.
         """
-        request_id = request_id or uuid.uuid4().hex
         try:
-            stream = self.client.generate(prompt, params, request_id)
+            stream = self.client.generate(prompt, params, request_id or uuid.uuid4().hex)
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        return self._tracked(stream)
+        return TrackedStream(self, stream)
 
-    async def _tracked(self, stream: Any) -> AsyncIterator[RequestOutput]:
-        metrics = self.metrics
-        start = last = time.monotonic()
-        num_tokens = 0
-        self.num_queued += 1
-        is_queued = True
+
+class TrackedStream:
+    """One request's outputs, observed for the metrics and the queue count on the way."""
+
+    def __init__(self, state: ServerState, stream: Any) -> None:
+        self._state = state
+        self._metrics = state.metrics
+        self._stream = stream
+        self._start = self._last = time.monotonic()
+        self._num_tokens = 0
+        self._is_queued = True
+        state.num_queued += 1
+
+    def __aiter__(self) -> TrackedStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
         try:
-            async for out in stream:
-                now = time.monotonic()
-                new = sum(len(s.delta_token_ids) for s in out.outputs)
-                if is_queued:
-                    self.num_queued -= 1
-                    is_queued = False
-                    metrics.prompt_tokens.inc(len(out.prompt_token_ids))
-                    metrics.prefix_cache_queries.inc(len(out.prompt_token_ids))
-                    metrics.prefix_cache_hits.inc(out.num_cached_tokens)
-                if new:
-                    if num_tokens == 0:
-                        metrics.ttft.observe(now - start)
-                    else:
-                        metrics.itl.observe(now - last)
-                    num_tokens += new
-                    last = now
-                if out.finished:
-                    metrics.generation_tokens.inc(num_tokens)
-                    metrics.e2e.observe(now - start)
-                    for seq in out.outputs:
-                        metrics.observe_finished(seq.finish_reason or "abort")
-                yield out
+            out = await self._stream.__anext__()
         except ValueError as err:  # the core refused the request (bad input)
+            self._release()
             raise APIError(400, str(err)) from err
-        finally:
-            if is_queued:
-                self.num_queued -= 1
-            await stream.aclose()
+        except BaseException:
+            self._release()
+            raise
+        self._observe(out)
+        return out
+
+    def _observe(self, out: RequestOutput) -> None:
+        metrics, now = self._metrics, time.monotonic()
+        if self._is_queued:
+            self._release()
+            num_prompt = len(out.prompt_token_ids)
+            metrics.prompt_tokens.inc(num_prompt)
+            metrics.prefix_cache_queries.inc(num_prompt)
+            metrics.prefix_cache_hits.inc(out.num_cached_tokens)
+        new = sum(len(s.delta_token_ids) for s in out.outputs)
+        if new:
+            (metrics.ttft if self._num_tokens == 0 else metrics.itl).observe(
+                now - (self._start if self._num_tokens == 0 else self._last))
+            self._num_tokens += new
+            self._last = now
+        if out.finished:
+            metrics.generation_tokens.inc(self._num_tokens)
+            metrics.e2e.observe(now - self._start)
+            for seq in out.outputs:
+                metrics.observe_finished(seq.finish_reason or "abort")
+
+    def _release(self) -> None:
+        if self._is_queued:
+            self._is_queued = False
+            self._state.num_queued -= 1
+
+    async def aclose(self) -> None:
+        self._release()
+        await self._stream.aclose()
+
+    def __del__(self) -> None:
+        self._release()

@@ -31,7 +31,7 @@ def resolve_max_tokens(requested: int | None, default: int | None, num_prompt_to
     room = max_model_len - num_prompt_tokens
     if room < 1:
         raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, "
-                            f"but the {prompt_field} has {num_prompt_tokens} tokens, leaving no "
+                            f"but the {prompt_field} take {num_prompt_tokens} tokens, leaving no "
                             "room for a completion", param=prompt_field,
                        code="context_length_exceeded")
     if requested is None:

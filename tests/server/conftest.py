@@ -19,7 +19,7 @@ import pytest
 from tests.factories import tiny_model_dir
 
 # NOTE: one torch thread: on a 2-core CI box the server, the core and the test share the cores.
-ENGINE_FLAGS = ["--max-model-len", "512", "--kv-cache-memory", str(4 << 20),
+ENGINE_FLAGS = ["--max-model-len", "1024", "--kv-cache-memory", str(4 << 20),
                 "--max-num-seqs", "16", "--max-num-batched-tokens", "512",
                 "--num-threads", "1"]
 MODEL_NAME = "tiny"

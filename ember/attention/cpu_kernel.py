@@ -24,7 +24,10 @@ from ember.envs import cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+# NOTE: linked in a second step without -ffast-math: with it, gcc links crtfastmath.o into the
+# library, whose loading turns on flush-to-zero for the whole process (user code included).
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 _FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 
 
@@ -43,8 +46,10 @@ def _build(out: Path) -> None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_lib = Path(tmp) / out.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp_lib), "-lm"],
+        tmp_obj, tmp_lib = Path(tmp) / "kernel.o", Path(tmp) / out.name
+        subprocess.run([compiler, *_FLAGS, "-c", str(_SOURCE), "-o", str(tmp_obj)],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *_LINK_FLAGS, str(tmp_obj), "-o", str(tmp_lib), "-lm"],
                        check=True, capture_output=True, timeout=120)
         os.replace(tmp_lib, out)  # atomic: concurrent builders never see half a library
 
@@ -55,7 +60,8 @@ def load_kernel() -> ctypes.CDLL | None:
     if platform.system() != "Linux":
         return None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_signature().encode())
+    flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
+    key = hashlib.sha256(source + flags + _cpu_signature().encode())
     lib_path = cache_dir() / "kernels" / f"paged_attention-{key.hexdigest()[:16]}.so"
     try:
         if not lib_path.exists():

@@ -68,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ember.server.launch import run_server
 
     model = _model_dir(args)
-    config = EngineConfig.from_options(model, **engine_options(args))
+    options = {"preload_grammar": True, **engine_options(args)}
+    config = EngineConfig.from_options(model, **options)
     server = server_config(args)
     name = server.served_model_name or (args.model if args.model else "demo")
     return run_server(config, server, name)

@@ -23,6 +23,12 @@ class ModelConfig:
         default=None, metadata={"help": "Context length; defaults to the model's own."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for unseeded sampling."})
+    preload_grammar: bool = field(
+        default=False,
+        metadata={"help": "Load the structured-output grammar compiler in the background at "
+                          "start-up (ember serve turns it on), so the first json_schema or "
+                          "tools request does not stall the engine loop for seconds."},
+    )
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:

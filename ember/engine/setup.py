@@ -141,5 +141,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                               config.scheduler.max_num_seqs, block_size, device,
                               pool=torch.cuda.graph_pool_handle())
     constraint = StructuredOutputManager(config.model.model, info.vocab_size, info.eos_token_ids)
+    if config.model.preload_grammar:
+        constraint.grammars.preload_in_background()
     runner = ModelRunner(model, backend, kv_pool, block_size, device, constraint, graphs)
     return EngineParts(info, runtime, scheduler, runner, constraint)

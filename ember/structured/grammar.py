@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -36,6 +37,7 @@ class GrammarCache:
         self.eos_token_ids = list(eos_token_ids)
         self.max_entries = max_entries
         self._compiler: xgr.GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
         self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
 
     def __len__(self) -> int:
@@ -62,18 +64,33 @@ class GrammarCache:
             self._cache.popitem(last=False)
         return grammar
 
+    def preload_in_background(self) -> None:
+        """Import xgrammar and build the vocabulary's compiler on a thread (~2-4 s on a CPU),
+        so the first structured request does not stall the engine loop for that long."""
+        def preload() -> None:
+            try:
+                self._get_compiler()
+            except Exception as exc:  # the first structured request will raise it properly
+                logger.warning("preloading the grammar compiler failed: %s", exc)
+
+        threading.Thread(target=preload, name="ember-grammar-preload", daemon=True).start()
+
     def _get_compiler(self) -> xgr.GrammarCompiler:
-        if self._compiler is None:
-            import xgrammar as xgr
+        with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = self._build_compiler()
+            return self._compiler
 
-            from ember.model.tokenizer import load_tokenizer
+    def _build_compiler(self) -> xgr.GrammarCompiler:
+        import xgrammar as xgr
 
-            tokenizer = load_tokenizer(self.model_dir)
-            info = xgr.TokenizerInfo.from_huggingface(
-                tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None)
-            # NOTE: xgrammar's own cache is unbounded; ours is the bounded one.
-            self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
-        return self._compiler
+        from ember.model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_dir)
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None)
+        # NOTE: xgrammar's own cache is unbounded; ours is the bounded one.
+        return xgr.GrammarCompiler(info, cache_enabled=False)
 
 
 def _compile(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.CompiledGrammar:

@@ -61,3 +61,14 @@ def test_json_strings_never_hold_raw_control_characters(model_dir, string_schema
         assert xgr.GrammarMatcher(grammar).accept_string('{"s": "ab')
         for char in ("\x00", "\x17", "\t", "\n"):
             assert not xgr.GrammarMatcher(grammar).accept_string('{"s": "a' + char)
+
+
+def test_preload_builds_the_compiler_once_in_the_background(model_dir):
+    cache = GrammarCache(model_dir, 1024, [4])
+    cache.preload_in_background()
+    grammar = cache.get(parse_spec({"json_object": True}))  # waits for the preload, if needed
+    compiler = cache._compiler
+    assert grammar is not None and compiler is not None
+    cache.preload_in_background()  # a second preload builds nothing new
+    cache.get(parse_spec({"regex": "[ab]+"}))
+    assert cache._compiler is compiler

@@ -3,6 +3,7 @@ logprobs and usage, streamed as `chat.completion.chunk` deltas or answered whole
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ from ember.server.state import ServerState
 from ember.server.streaming import event_stream, first_outputs, merged, sse, until_disconnect
 from ember.server.tool_calls import ToolCallParser
 from ember.server.usage import usage_of
+
+logger = logging.getLogger(__name__)
 
 
 def _template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -92,6 +95,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     params = build_sampling_params(req, max_tokens=max_tokens, logprobs=num_top,
                                    structured_output=_structured_output(req, tool_choice))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if req.user:
+        logger.info("%s is for user %r", request_id, req.user)
     stream = state.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)
     (first,) = await until_disconnect(request, first_outputs([stream]))
     view = _ChatView(req, state, request_id, has_tools, tool_choice)

@@ -3,6 +3,7 @@ logprobs and usage. Choice `i * n + j` is sequence j of prompt i, as in OpenAI's
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,9 @@ from ember.server.streaming import event_stream, first_outputs, merged, sse, unt
 from ember.server.usage import usage_of
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+logger = logging.getLogger(__name__)
 
 
 def _prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[str | None, list[int]]]:
@@ -52,6 +56,8 @@ async def create_completion(req: CompletionRequest, request: Request,
                                             prompt_logprobs=prompt_logprobs,
                                             structured_output=structured))
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    if req.user:
+        logger.info("%s is for user %r", request_id, req.user)
     streams = [state.generate({"prompt": text, "prompt_token_ids": ids} if text is not None
                               else ids, p, f"{request_id}-{i}")
                for i, ((text, ids), p) in enumerate(zip(prompts, params))]

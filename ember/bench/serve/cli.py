@@ -1,6 +1,7 @@
 """`ember bench serve` arguments: parses them into a ServeBenchConfig and runs it.
 
-ember/bench/cli.py adds this sub-command; nothing else here reads argv.
+ember/bench/cli.py adds this sub-command (and reuses the load options for `serve-compare`);
+nothing else here reads argv.
 """
 
 from __future__ import annotations
@@ -11,19 +12,25 @@ from pathlib import Path
 from ember.bench.serve.config import DATASETS, ENDPOINTS, ServeBenchConfig
 
 
-def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from ember.bench.serve.run import run_serve_bench
-
-    cfg = ServeBenchConfig(
-        url=args.url, num_prompts=args.num_prompts, rate=args.rate, dataset=args.dataset,
-        model=args.model, endpoint=args.endpoint, max_concurrency=args.max_concurrency,
+def load_config(args: argparse.Namespace, url: str, model: str | None) -> ServeBenchConfig:
+    """The load options added by `add_load_args`, against `model` at the server at `url`."""
+    return ServeBenchConfig(
+        url=url, num_prompts=args.num_prompts, rate=args.rate, dataset=args.dataset,
+        model=model, endpoint=args.endpoint, max_concurrency=args.max_concurrency,
         seed=args.seed, input_len=args.input_len, output_len=args.output_len,
         range_ratio=args.range_ratio, ignore_eos=args.ignore_eos, tokenizer=args.tokenizer,
         api_key=args.api_key, slo_ttft_ms=args.slo_ttft_ms, slo_itl_ms=args.slo_itl_ms,
         slo_e2e_ms=args.slo_e2e_ms, sessions=args.sessions, turns=args.turns,
-        system_prompt_len=args.system_prompt_len, output=args.output, plot=args.plot,
-        request_timeout_s=args.request_timeout_s,
+        system_prompt_len=args.system_prompt_len, request_timeout_s=args.request_timeout_s,
     )
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ember.bench.serve.run import run_serve_bench
+
+    cfg = replace(load_config(args, args.url, args.model), output=args.output, plot=args.plot)
     summary = run_serve_bench(cfg)
     return 0 if summary["num_completed"] > 0 else 1
 
@@ -34,6 +41,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--url", required=True, help="Server root, e.g. http://127.0.0.1:8000.")
     p.add_argument("--model", default=None,
                    help="Model name to request (default: the first id of GET /v1/models).")
+    add_load_args(p)
+    p.add_argument("--output", type=Path, default=None, help="Write the JSON report here.")
+    p.add_argument("--plot", type=Path, default=None, help="Write a PNG of the run here.")
+    p.set_defaults(func=cmd_bench_serve)
+    return p
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """The trace and load options (everything but the server, the model name and outputs)."""
     p.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="chat",
                    help="chat: /v1/chat/completions; completions: /v1/completions.")
     p.add_argument("--dataset", choices=DATASETS, default="random",
@@ -68,7 +84,3 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="Sessions dataset: tokens of the system prompt all sessions share.")
     p.add_argument("--request-timeout-s", type=float, default=3600.0,
                    help="Give up on a request after this long.")
-    p.add_argument("--output", type=Path, default=None, help="Write the JSON report here.")
-    p.add_argument("--plot", type=Path, default=None, help="Write a PNG of the run here.")
-    p.set_defaults(func=cmd_bench_serve)
-    return p

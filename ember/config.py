@@ -48,6 +48,11 @@ class CacheConfig:
     gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "Fraction of free GPU memory for weights + KV cache."}
     )
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata={"help": "Reuse the KV of full blocks whose token prefix was computed before "
+                          "(automatic prefix caching)."},
+    )
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

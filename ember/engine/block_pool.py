@@ -1,11 +1,17 @@
-"""BlockPool: owns the KV cache's block ids and their reference counts. Pure Python.
+"""BlockPool: owns the KV cache's block ids, their reference counts and the prefix cache's
+map of block hash -> block. Pure Python.
 
+A block whose last reference goes keeps its hash and contents ("cached, free") until it is
+handed out again, least recently freed first; a hit takes it back out of the free queue.
 It knows nothing of sequences; the KVCacheManager decides who holds which block.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+from ember.engine.block_hash import BlockHash
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -17,38 +23,82 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # NOTE: insertion order is eviction order: allocation takes the oldest free block.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        self._hash_of: list[BlockHash | None] = [None] * num_blocks
+        self._cached: dict[BlockHash, int] = {}
+        self.on_evict: Callable[[int, BlockHash], None] | None = None  # before reuse
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks that can be handed out (cached but unreferenced ones included)."""
         return len(self._free)
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
+
+    def block_hash(self, block_id: int) -> BlockHash | None:
+        return self._hash_of[block_id]
 
     def allocate(self, num: int) -> list[int]:
         if num > len(self._free):
             raise NoFreeBlocksError(f"asked for {num} blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(num)]
+        blocks = [self._free.popitem(last=False)[0] for _ in range(num)]
         for block_id in blocks:
+            self._evict(block_id)
             self._ref_counts[block_id] = 1
         return blocks
 
-    def incref(self, block_ids: list[int]) -> None:
+    def _evict(self, block_id: int) -> None:
+        block_hash = self._hash_of[block_id]
+        if block_hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(block_id, block_hash)
+            del self._cached[block_hash]
+            self._hash_of[block_id] = None
+
+    def incref(self, block_ids: Iterable[int]) -> None:
         for block_id in block_ids:
             assert self._ref_counts[block_id] > 0, f"incref of free block {block_id}"
             self._ref_counts[block_id] += 1
 
-    def decref(self, block_ids: list[int]) -> None:
-        """Drop one reference from each block; blocks left unreferenced return to the pool."""
+    def decref(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference from each block; blocks left unreferenced become free (and stay
+        cached until reused), in the order given: pass a sequence's blocks last to first so
+        its tail, the least shareable part, is evicted first."""
         for block_id in block_ids:
             count = self._ref_counts[block_id] - 1
             assert count >= 0, f"decref of free block {block_id}"
             self._ref_counts[block_id] = count
             if count == 0:
-                self._free.append(block_id)
+                self._free[block_id] = None
+
+    # ---- the prefix cache ----------------------------------------------------------------
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        return self._cached.get(block_hash)
+
+    def take_cached(self, block_id: int) -> None:
+        """Add a reference to a cached block (a hit), taking it out of the free queue."""
+        if self._ref_counts[block_id] == 0:
+            del self._free[block_id]
+        self._ref_counts[block_id] += 1
+
+    def cache_block(self, block_id: int, block_hash: BlockHash) -> bool:
+        """Record that a held, full block holds `block_hash`'s tokens; False when another
+        block already holds them (this one then stays uncached)."""
+        assert self._ref_counts[block_id] > 0, f"caching free block {block_id}"
+        if block_hash in self._cached or self._hash_of[block_id] is not None:
+            return False
+        self._cached[block_hash] = block_id
+        self._hash_of[block_id] = block_hash
+        return True

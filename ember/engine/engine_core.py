@@ -70,7 +70,8 @@ class EngineCore:
 
 def _to_output(update: SeqUpdate) -> EngineCoreOutput:
     seq = update.seq
-    out = EngineCoreOutput(seq.request.request_id, seq.index, update.new_token_ids)
+    out = EngineCoreOutput(seq.request.request_id, seq.index, update.new_token_ids,
+                           num_cached_tokens=seq.request.num_cached_tokens)
     if seq.request.params.logprobs is not None and update.new_logprobs:
         out.new_logprobs = [(t.logprob, t.rank, t.top) for t in update.new_logprobs]
     if update.prompt_logprobs is not None:

@@ -1,18 +1,24 @@
-"""KVCacheManager: each sequence's block table, growth, forking and copy-on-write. Pure Python.
+"""KVCacheManager: each sequence's block table, growth, forking, copy-on-write and prefix-cache
+hits. Pure Python.
 
 It only does bookkeeping; the block copies it decides on are executed by the runner.
 """
 
 from __future__ import annotations
 
+from ember.engine.block_hash import BlockHash, extend_block_hashes, root_hash
 from ember.engine.block_pool import BlockPool
+from ember.engine.request import Sequence
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
+                 cache_root: BlockHash | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.block_tables: dict[int, list[int]] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self.cache_root = cache_root if cache_root is not None else root_hash()
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -54,7 +60,45 @@ class KVCacheManager:
     def free(self, seq_id: int) -> None:
         table = self.block_tables.pop(seq_id, None)
         if table:
-            self.pool.decref(table)
+            self.pool.decref(reversed(table))
+
+    # ---- the prefix cache ----------------------------------------------------------------
+
+    def block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[BlockHash]:
+        """The sequence's chained block hashes, computed once and kept on the sequence."""
+        extend_block_hashes(seq.block_hashes, self.cache_root, seq.token_ids, self.block_size,
+                            num_full_blocks)
+        return seq.block_hashes
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks its longest cached prefix of full blocks;
+        returns how many of its tokens are computed (at most all but the last, whose logits
+        are needed). Take it back with `free` if the sequence cannot be scheduled after all."""
+        assert not self.block_tables.get(seq.seq_id), "match_prefix on a sequence with blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        table = self.block_table(seq.seq_id)
+        for block_hash in self.block_hashes(seq, seq.num_tokens // self.block_size):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            self.pool.take_cached(block_id)
+            table.append(block_id)
+        seq.num_cached_blocks = len(table)
+        return min(len(table) * self.block_size, seq.num_tokens - 1)
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's blocks whose every token's KV is now computed."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.block_table(seq.seq_id)
+        num_full = min(seq.num_computed_tokens // self.block_size, len(table))
+        if num_full <= seq.num_cached_blocks:
+            return
+        hashes = self.block_hashes(seq, num_full)
+        for i in range(seq.num_cached_blocks, num_full):
+            self.pool.cache_block(table[i], hashes[i])
+        seq.num_cached_blocks = num_full
 
     @property
     def usage(self) -> float:

@@ -40,6 +40,7 @@ class _RequestState:
     seqs: list[_SeqState]
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     stops: list[SequenceStop] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -92,6 +93,7 @@ class OutputProcessor:
             if seq.output.finished:  # a stop string already ended it; late tokens are dropped
                 continue
             seq.output.delta_text, seq.output.delta_token_ids = "", []
+            state.num_cached_tokens = out.num_cached_tokens
             if out.prompt_logprobs is not None:
                 self._add_prompt_logprobs(state, out.prompt_logprobs)
             if out.new_token_ids:
@@ -158,7 +160,7 @@ class OutputProcessor:
             self._set_delta_text(seq)
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,
                              [s.output for s in state.seqs], state.prompt_logprobs,
-                             finished=state.finished)
+                             finished=state.finished, num_cached_tokens=state.num_cached_tokens)
 
     @staticmethod
     def _set_delta_text(seq: _SeqState) -> None:

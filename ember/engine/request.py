@@ -37,6 +37,8 @@ class Sequence:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
     constraint_state: object | None = None  # the SamplingConstraint's (e.g. a grammar matcher)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained, of its full blocks
+    num_cached_blocks: int = 0  # leading blocks registered in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -76,6 +78,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()  # EOS (unless ignore_eos) + stop_token_ids
     sorted_stop_token_ids: list[int] = field(default_factory=list)  # masked under min_tokens
     constraint: object | None = None  # set by the SamplingConstraint (e.g. a compiled grammar)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
 
     def __post_init__(self) -> None:
         ids = set(self.params.stop_token_ids)

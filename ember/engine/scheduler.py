@@ -158,18 +158,31 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + self._num_pending_children(seq) >= self.config.max_num_seqs:
                 break
+            self._match_prefix(seq)
             num_new = self._num_new_tokens(seq, budget)
-            if num_new == 0:
-                break
-            new_copies = self.kv.allocate_slots(seq.seq_id, seq.num_computed_tokens, num_new)
+            new_copies = None if num_new == 0 else self.kv.allocate_slots(
+                seq.seq_id, seq.num_computed_tokens, num_new)
             if new_copies is None:
+                self._unmatch_prefix(seq)
                 break
+            if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
+                seq.request.num_cached_tokens = seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             copies.extend(new_copies)
             chunks.append(self._chunk(seq, num_new))
             budget -= num_new
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """A waiting sequence starts from its longest cached prefix (never when it wants
+        prompt logprobs: those need every prompt position's logits)."""
+        if seq.request.params.prompt_logprobs is None:
+            seq.num_computed_tokens = self.kv.match_prefix(seq)
+
+    def _unmatch_prefix(self, seq: Sequence) -> None:
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
         remaining = seq.num_tokens - seq.num_computed_tokens
@@ -227,6 +240,7 @@ class Scheduler:
             if seq.is_finished:  # aborted between schedule and update
                 continue
             seq.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_full_blocks(seq)
             prompt_lp = result.prompt_logprobs.get(seq.seq_id)
             if not chunk.sample_seqs:
                 if prompt_lp is not None:
@@ -246,6 +260,8 @@ class Scheduler:
     def _fork(self, leader: Sequence, child: Sequence) -> None:
         self.kv.fork(leader.seq_id, child.seq_id)
         child.num_computed_tokens = leader.num_computed_tokens
+        child.block_hashes = list(leader.block_hashes)
+        child.num_cached_blocks = leader.num_cached_blocks
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 

@@ -9,12 +9,14 @@ import ctypes
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
 
 from ember.attention.backend import AttentionBackend, allocate_kv_pool, kv_bytes_per_block
 from ember.config import EngineConfig
+from ember.engine.block_hash import root_hash
 from ember.engine.constraint import SamplingConstraint
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.kv_cache_manager import KVCacheManager
@@ -102,6 +104,12 @@ def tune_cpu_allocator() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def model_cache_root(model_dir: str, dtype: torch.dtype) -> bytes:
+    """The prefix cache's root hash: the model's config and dtype, not its path, so the same
+    model on two machines shares block hashes and another model never matches."""
+    return root_hash((Path(model_dir) / "config.json").read_bytes(), str(dtype))
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device.device)
     torch.manual_seed(config.model.seed)  # unseeded requests draw from the global generator
@@ -134,7 +142,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         "max_model_len=%d", num_blocks, block_size, runtime.num_kv_tokens,
         runtime.kv_cache_bytes / 2**20, info.dtype, runtime.num_kv_tokens / max_model_len,
         max_model_len)
-    scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size), max_model_len)
+    kv = KVCacheManager(num_blocks, block_size,
+                        enable_prefix_caching=config.cache.enable_prefix_caching,
+                        cache_root=model_cache_root(config.model.model, info.dtype))
+    scheduler = Scheduler(config.scheduler, kv, max_model_len)
     graphs = None
     if device.type == "cuda" and not config.device.enforce_eager:
         graphs = DecodeGraphs(model, backend, list(kv_pool.unbind(0)),

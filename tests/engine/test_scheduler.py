@@ -25,9 +25,17 @@ def make_scheduler(num_blocks=32, block_size=4, max_num_seqs=8, budget=16, chunk
     return Scheduler(config, KVCacheManager(num_blocks, block_size), max_model_len)
 
 
-def make_request(request_id, prompt_len, n=1, max_tokens=8, rng=None):
+SHARED_PREFIXES = [[random.Random(k).randrange(1, 50) for _ in range(40)] for k in range(3)]
+
+
+def make_request(request_id, prompt_len, n=1, max_tokens=8, rng=None, shared=None):
+    """A random prompt, or (shared=k) the first prompt_len tokens of shared prefix k with a
+    random last token, so prompts share cached blocks."""
     rng = rng or random.Random(0)
-    prompt = [rng.randrange(1, 50) for _ in range(prompt_len)]
+    if shared is None:
+        prompt = [rng.randrange(1, 50) for _ in range(prompt_len)]
+    else:
+        prompt = SHARED_PREFIXES[shared][: prompt_len - 1] + [rng.randrange(1, 50)]
     params = SamplingParams(n=n, max_tokens=max_tokens)
     return Request(request_id, prompt, params, 0.0, eos_token_ids=(EOS,))
 
@@ -60,6 +68,22 @@ def check_invariants(scheduler: Scheduler) -> None:
     assert len(scheduler.running) <= scheduler.config.max_num_seqs
     for seq in scheduler.waiting:
         assert seq.status is SequenceStatus.WAITING
+    check_prefix_cache(scheduler)
+
+
+def check_prefix_cache(scheduler: Scheduler) -> None:
+    """The hash map and the blocks agree, and no sequence reads a cached block that holds
+    other tokens than its own prefix."""
+    kv, pool = scheduler.kv, scheduler.kv.pool
+    for block_hash, block_id in pool._cached.items():
+        assert pool.block_hash(block_id) == block_hash
+    assert sum(h is not None for h in pool._hash_of) == len(pool._cached)
+    for seq in scheduler.running:
+        table = kv.block_tables.get(seq.seq_id, [])
+        num_full = min(seq.num_computed_tokens // kv.block_size, len(table))
+        hashes = kv.block_hashes(seq, num_full)
+        for i in range(num_full):
+            assert pool.block_hash(table[i]) in (None, hashes[i]), f"seq {seq.seq_id} block {i}"
 
 
 OPS = st.lists(
@@ -83,7 +107,9 @@ def test_random_workloads_keep_block_invariants(ops, chunked, num_blocks):
     for op, prompt_len, n, max_tokens, choice in ops:
         if op == "add":
             try:
-                scheduler.add_request(make_request(f"r{next_id}", prompt_len, n, max_tokens, rng))
+                shared = None if choice % 3 == 0 else choice % 3
+                scheduler.add_request(make_request(f"r{next_id}", prompt_len, n, max_tokens, rng,
+                                                   shared))
             except ValueError:
                 pass  # too long for this cache: refused up front
             next_id += 1

@@ -53,12 +53,28 @@ class CacheConfig:
         metadata={"help": "Reuse the KV of full blocks whose token prefix was computed before "
                           "(automatic prefix caching)."},
     )
+    kv_cpu_bytes: int = field(
+        default=0,
+        metadata={"help": "Bytes of host memory keeping prefix-cache blocks the device evicts "
+                          "(0: no CPU tier)."},
+    )
+    kv_disk_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory keeping prefix-cache blocks the CPU tier evicts (kept "
+                          "across restarts; no disk tier without it)."},
+    )
+    kv_disk_bytes: int = field(
+        default=4 << 30, metadata={"help": "Bytes the disk tier may use in kv_disk_dir."}
+    )
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        for name in ("kv_cpu_bytes", "kv_disk_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 bytes, got {getattr(self, name)}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -193,7 +193,12 @@ def _serve(config: EngineConfig, engine_factory: EngineFactory | None, input_soc
     output_sock.send(encode_msg(CoreMsg.READY, ready.to_wire()))
     parent = multiprocessing.parent_process()
     parent_fd = parent.sentinel if parent is not None else None
-    return 0 if CoreLoop(engine, input_sock, output_sock, parent_fd).run() else 1
+    try:
+        return 0 if CoreLoop(engine, input_sock, output_sock, parent_fd).run() else 1
+    finally:
+        close = getattr(engine, "close", None)  # test engines may have none
+        if close is not None:
+            close()
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:

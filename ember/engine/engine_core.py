@@ -7,6 +7,7 @@ structured output loads the tokenizer on its first request to compile grammars.
 from __future__ import annotations
 
 import logging
+import time
 
 from ember.config import EngineConfig
 from ember.engine.constraint import SamplingConstraint
@@ -54,6 +55,11 @@ class EngineCore:
             self.scheduler.finish_sequence(request.sequences[seq_index], FinishReason.STOP,
                                            stop_reason)
 
+    def close(self) -> None:
+        """Finish background work that must outlive the process (disk-tier writes)."""
+        if self.runner.tiers is not None:
+            self.runner.tiers.close()
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
@@ -63,6 +69,8 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.scheduler.is_waiting_for_tiers:
+                time.sleep(0.0005)  # requests wait on disk reads: do not spin the core
             return []
         result = self.runner.execute(sched)
         return [_to_output(u) for u in self.scheduler.update(sched, result)]

@@ -6,19 +6,34 @@ It only does bookkeeping; the block copies it decides on are executed by the run
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ember.engine.block_hash import BlockHash, extend_block_hashes, root_hash
 from ember.engine.block_pool import BlockPool
 from ember.engine.request import Sequence
 
+if TYPE_CHECKING:
+    from ember.kv.tiers import KVTiers
+
+# match_prefix's answer for a sequence whose cached prefix is still being read from disk.
+WAIT_FOR_TIERS = -1
+
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 cache_root: BlockHash | None = None) -> None:
+                 cache_root: BlockHash | None = None, tiers: KVTiers | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.block_tables: dict[int, list[int]] = {}
         self.enable_prefix_caching = enable_prefix_caching
         self.cache_root = cache_root if cache_root is not None else root_hash()
+        self.tiers = tiers if enable_prefix_caching else None
+        # Data to move this step, executed by the runner before the forward: evicted cached
+        # blocks to save to the tiers, then tier blocks to load into the blocks given them.
+        self.pending_saves: list[tuple[int, BlockHash]] = []
+        self.pending_loads: dict[int, BlockHash] = {}
+        if self.tiers is not None:
+            self.pool.on_evict = self._on_evict
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -71,21 +86,72 @@ class KVCacheManager:
         return seq.block_hashes
 
     def match_prefix(self, seq: Sequence) -> int:
-        """Give a sequence that holds no blocks its longest cached prefix of full blocks;
-        returns how many of its tokens are computed (at most all but the last, whose logits
-        are needed). Take it back with `free` if the sequence cannot be scheduled after all."""
+        """Give a sequence that holds no blocks its longest cached prefix of full blocks, from
+        the device and then the lower tiers; returns how many of its tokens are computed (at
+        most all but the last, whose logits are needed), or WAIT_FOR_TIERS (holding nothing)
+        while part of that prefix is being read from disk. Take it back with `free` if the
+        sequence cannot be scheduled after all."""
         assert not self.block_tables.get(seq.seq_id), "match_prefix on a sequence with blocks"
         if not self.enable_prefix_caching:
             return 0
         table = self.block_table(seq.seq_id)
-        for block_hash in self.block_hashes(seq, seq.num_tokens // self.block_size):
+        hashes = self.block_hashes(seq, seq.num_tokens // self.block_size)
+        for block_hash in hashes:
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
             self.pool.take_cached(block_id)
             table.append(block_id)
+        if self.tiers is not None and len(table) < len(hashes):
+            if not self._match_tiers(hashes[len(table):], table):
+                self.free(seq.seq_id)
+                return WAIT_FOR_TIERS
         seq.num_cached_blocks = len(table)
         return min(len(table) * self.block_size, seq.num_tokens - 1)
+
+    def _match_tiers(self, hashes: list[BlockHash], table: list[int]) -> bool:
+        """Extend `table` with blocks loaded from the CPU tier; False (nothing changed) when
+        some of the prefix is on disk: its reads are started and the caller waits."""
+        assert self.tiers is not None
+        found: list[BlockHash] = []
+        on_disk: list[BlockHash] = []
+        for block_hash in hashes:
+            tier = self.tiers.tier_of(block_hash)
+            if tier is None:
+                break
+            (on_disk if tier == "disk" else found).append(block_hash)
+        if on_disk:
+            self.tiers.prefetch(on_disk)
+            return False
+        found = found[: self.pool.num_free_blocks]
+        for block_id, block_hash in zip(self.pool.allocate(len(found)), found):
+            self.pool.cache_block(block_id, block_hash)
+            self.tiers.pin(block_hash)
+            self.pending_loads[block_id] = block_hash
+            table.append(block_id)
+        return True
+
+    def _on_evict(self, block_id: int, block_hash: BlockHash) -> None:
+        loading = self.pending_loads.pop(block_id, None)
+        if loading is not None:  # loaded and evicted in one step: it never held the data
+            assert self.tiers is not None
+            self.tiers.unpin(loading)
+            return
+        self.pending_saves.append((block_id, block_hash))
+
+    def poll_tiers(self) -> None:
+        if self.tiers is not None:
+            self.tiers.poll()
+
+    @property
+    def is_reading_tiers(self) -> bool:
+        return self.tiers is not None and self.tiers.is_reading
+
+    def take_transfers(self) -> tuple[list[tuple[int, BlockHash]], list[tuple[int, BlockHash]]]:
+        """This step's (saves, loads), handed to the runner; saves must run first."""
+        saves, self.pending_saves = self.pending_saves, []
+        loads, self.pending_loads = list(self.pending_loads.items()), {}
+        return saves, loads
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the sequence's blocks whose every token's KV is now computed."""

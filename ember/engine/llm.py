@@ -32,6 +32,10 @@ class LLM:
         self._processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Finish background work (disk-tier writes); the LLM is not used afterwards."""
+        self.engine.close()
+
     def get_tokenizer(self):
         return self.tokenizer
 

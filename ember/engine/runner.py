@@ -19,6 +19,7 @@ from ember.engine.scheduler_output import (
     ScheduledChunk,
     SchedulerOutput,
 )
+from ember.kv.tiers import KVTiers
 
 
 class ModelRunner:
@@ -31,8 +32,10 @@ class ModelRunner:
         device: torch.device,
         constraint: SamplingConstraint,  # e.g. structured output; masks logits around sampling
         decode_graphs: DecodeGraphs | None = None,
+        tiers: KVTiers | None = None,  # the prefix cache's CPU/disk tiers
     ) -> None:
         self.model = model
+        self.tiers = tiers
         self.constraint = constraint
         self.decode_graphs = decode_graphs
         self.backend = backend
@@ -47,6 +50,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for seq_id in sched.finished_seq_ids:
             self._generators.pop(seq_id, None)
+        if sched.kv_saves or sched.kv_loads:
+            self._transfer_tier_blocks(sched.kv_saves, sched.kv_loads)
         if sched.block_copies:
             self._copy_blocks(sched.block_copies)
         input_ids, positions, layout = self._prepare_inputs(sched.chunks)
@@ -66,6 +71,22 @@ class ModelRunner:
             return self.decode_graphs.run(input_ids, positions)
         with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
             return self.model(input_ids, positions)
+
+    def _transfer_tier_blocks(self, saves: list[tuple[int, bytes]],
+                              loads: list[tuple[int, bytes]]) -> None:
+        """Evicted cached blocks out to the tiers, then tier blocks into their new homes
+        (saves first: a block may be evicted and reused for a load in the same step)."""
+        assert self.tiers is not None
+        axis = self.backend.block_dim + 1
+        if saves:
+            ids = torch.tensor([b for b, _ in saves], device=self.device)
+            data = self.kv_pool.index_select(axis, ids).cpu()  # [..., n, ...] on the host
+            for i, (_, block_hash) in enumerate(saves):
+                self.tiers.save(block_hash, data.select(axis, i).clone())
+        if loads:
+            ids = torch.tensor([b for b, _ in loads], device=self.device)
+            blocks = torch.stack([self.tiers.load(h) for _, h in loads], dim=axis)
+            self.kv_pool.index_copy_(axis, ids, blocks.to(self.device, non_blocking=True))
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ember.config import SchedulerConfig
-from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.kv_cache_manager import WAIT_FOR_TIERS, KVCacheManager
 from ember.engine.request import FinishReason, Request, Sequence, SequenceStatus
 from ember.engine.scheduler_output import (
     PromptLogprobs,
@@ -124,6 +124,7 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        self.kv.poll_tiers()
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         copies: list[tuple[int, int]] = []
@@ -132,7 +133,10 @@ class Scheduler:
         if self.num_preemptions == num_preemptions:  # no room was short: admit new work
             self._schedule_waiting(budget, chunks, copies)
         finished, self._finished_seq_ids = self._finished_seq_ids, []
-        return SchedulerOutput(chunks, copies, finished, sum(c.num_tokens for c in chunks))
+        out = SchedulerOutput(chunks, copies, finished, sum(c.num_tokens for c in chunks))
+        if chunks:  # NOTE: no forward, no overwrite: transfers can wait for a step that has one
+            out.kv_saves, out.kv_loads = self.kv.take_transfers()
+        return out
 
     def _schedule_running(self, budget: int, chunks: list[ScheduledChunk],
                           copies: list[tuple[int, int]]) -> int:
@@ -154,11 +158,14 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk],
                           copies: list[tuple[int, int]]) -> None:
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        idx = 0  # sequences whose cached prefix is still being read from disk are passed over
+        while idx < len(self.waiting) and budget > 0:
+            seq = self.waiting[idx]
             if len(self.running) + self._num_pending_children(seq) >= self.config.max_num_seqs:
                 break
-            self._match_prefix(seq)
+            if not self._match_prefix(seq):
+                idx += 1
+                continue
             num_new = self._num_new_tokens(seq, budget)
             new_copies = None if num_new == 0 else self.kv.allocate_slots(
                 seq.seq_id, seq.num_computed_tokens, num_new)
@@ -167,18 +174,28 @@ class Scheduler:
                 break
             if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
-            self.waiting.popleft()
+            del self.waiting[idx]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             copies.extend(new_copies)
             chunks.append(self._chunk(seq, num_new))
             budget -= num_new
 
-    def _match_prefix(self, seq: Sequence) -> None:
+    def _match_prefix(self, seq: Sequence) -> bool:
         """A waiting sequence starts from its longest cached prefix (never when it wants
-        prompt logprobs: those need every prompt position's logits)."""
-        if seq.request.params.prompt_logprobs is None:
-            seq.num_computed_tokens = self.kv.match_prefix(seq)
+        prompt logprobs: those need every prompt position's logits); False while that prefix
+        is being read from disk."""
+        if seq.request.params.prompt_logprobs is not None:
+            return True
+        num_computed = self.kv.match_prefix(seq)
+        if num_computed == WAIT_FOR_TIERS:
+            return False
+        seq.num_computed_tokens = num_computed
+        return True
+
+    @property
+    def is_waiting_for_tiers(self) -> bool:
+        return self.kv.is_reading_tiers
 
     def _unmatch_prefix(self, seq: Sequence) -> None:
         self.kv.free(seq.seq_id)

@@ -32,6 +32,9 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]]  # (src, dst) executed before the forward
     finished_seq_ids: list[int]  # sequences finished since the last step (runner drops state)
     num_batched_tokens: int = 0
+    # Prefix-cache tiers, executed before block_copies: (block_id, hash) to save, then to load.
+    kv_saves: list[tuple[int, bytes]] = field(default_factory=list)
+    kv_loads: list[tuple[int, bytes]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

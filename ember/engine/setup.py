@@ -22,6 +22,7 @@ from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
+from ember.kv.tiers import KVTiers
 from ember.model.loader import ModelInfo, load_model
 from ember.structured.manager import StructuredOutputManager
 
@@ -110,6 +111,22 @@ def model_cache_root(model_dir: str, dtype: torch.dtype) -> bytes:
     return root_hash((Path(model_dir) / "config.json").read_bytes(), str(dtype))
 
 
+def make_tiers(config: EngineConfig, kv_pool: torch.Tensor,
+               backend: AttentionBackend) -> KVTiers | None:
+    """The prefix cache's CPU and disk tiers, when configured."""
+    cache = config.cache
+    if not cache.enable_prefix_caching or not (cache.kv_cpu_bytes or cache.kv_disk_dir):
+        return None
+    block_shape = list(kv_pool.shape)
+    del block_shape[backend.block_dim + 1]  # one block of every layer
+    tiers = KVTiers(tuple(block_shape), kv_pool.dtype, cpu_bytes=cache.kv_cpu_bytes,
+                    disk_dir=cache.kv_disk_dir, disk_bytes=cache.kv_disk_bytes)
+    logger.info("KV tiers: CPU %.1f MiB, disk %s", tiers.cpu.capacity_bytes / 2**20,
+                f"{cache.kv_disk_dir} ({cache.kv_disk_bytes / 2**20:.0f} MiB)"
+                if tiers.disk is not None else "off")
+    return tiers
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     device = resolve_device(config.device.device)
     torch.manual_seed(config.model.seed)  # unseeded requests draw from the global generator
@@ -142,9 +159,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         "max_model_len=%d", num_blocks, block_size, runtime.num_kv_tokens,
         runtime.kv_cache_bytes / 2**20, info.dtype, runtime.num_kv_tokens / max_model_len,
         max_model_len)
+    tiers = make_tiers(config, kv_pool, backend)
     kv = KVCacheManager(num_blocks, block_size,
                         enable_prefix_caching=config.cache.enable_prefix_caching,
-                        cache_root=model_cache_root(config.model.model, info.dtype))
+                        cache_root=model_cache_root(config.model.model, info.dtype), tiers=tiers)
     scheduler = Scheduler(config.scheduler, kv, max_model_len)
     graphs = None
     if device.type == "cuda" and not config.device.enforce_eager:
@@ -154,5 +172,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     constraint = StructuredOutputManager(config.model.model, info.vocab_size, info.eos_token_ids)
     if config.model.preload_grammar:
         constraint.grammars.preload_in_background()
-    runner = ModelRunner(model, backend, kv_pool, block_size, device, constraint, graphs)
+    runner = ModelRunner(model, backend, kv_pool, block_size, device, constraint, graphs, tiers)
     return EngineParts(info, runtime, scheduler, runner, constraint)

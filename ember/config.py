@@ -66,6 +66,11 @@ class CacheConfig:
     kv_disk_bytes: int = field(
         default=4 << 30, metadata={"help": "Bytes the disk tier may use in kv_disk_dir."}
     )
+    kv_events_endpoint: str | None = field(
+        default=None,
+        metadata={"help": "ZeroMQ endpoint to publish KV events on (stored/removed block "
+                          "hashes per tier), e.g. tcp://127.0.0.1:5557 (default: off)."},
+    )
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -175,6 +175,7 @@ class AsyncEngineClient:
         self._processor = OutputProcessor(tokenizer)
         self._streams: dict[str, _OutputQueue] = {}
         self._stats_waiters: deque[asyncio.Future[EngineCoreStats]] = deque()
+        self._snapshot_waiters: deque[asyncio.Future[dict[str, Any]]] = deque()
         self._dead: EngineDeadError | None = None
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -279,6 +280,15 @@ class AsyncEngineClient:
         self._send(ClientMsg.GET_STATS)
         return await waiter
 
+    async def get_kv_snapshot(self) -> dict[str, Any]:
+        """Every block hash the core's prefix cache holds, by tier, with the KV-event batch
+        number it includes (see ember.kv.events)."""
+        self._check_alive()
+        waiter: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._snapshot_waiters.append(waiter)
+        self._send(ClientMsg.GET_KV_SNAPSHOT)
+        return await waiter
+
     def _abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         final = self._processor.abort(request_id)
@@ -324,6 +334,10 @@ class AsyncEngineClient:
             waiter = self._stats_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(EngineCoreStats.from_wire(payload))
+        elif kind == CoreMsg.KV_SNAPSHOT:
+            waiter = self._snapshot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(payload)
         elif kind == CoreMsg.FAILURE:
             self._on_failure(EngineCoreFailure.from_wire(payload))
         else:
@@ -378,7 +392,8 @@ class AsyncEngineClient:
     def _fail_all(self, error: EngineDeadError) -> None:
         for request_id in list(self._streams):
             self._end_request(request_id, error)
-        while self._stats_waiters:
-            waiter = self._stats_waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(error)
+        for waiters in (self._stats_waiters, self._snapshot_waiters):
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(error)

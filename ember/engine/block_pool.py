@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 from ember.engine.block_hash import BlockHash
+from ember.kv.events import KVEventRecorder
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -29,6 +30,7 @@ class BlockPool:
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
         self._cached: dict[BlockHash, int] = {}
         self.on_evict: Callable[[int, BlockHash], None] | None = None  # before reuse
+        self.events: KVEventRecorder | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -63,6 +65,8 @@ class BlockPool:
         if block_hash is not None:
             if self.on_evict is not None:
                 self.on_evict(block_id, block_hash)
+            if self.events is not None:
+                self.events.removed(block_hash, "device")
             del self._cached[block_hash]
             self._hash_of[block_id] = None
 
@@ -93,7 +97,11 @@ class BlockPool:
             del self._free[block_id]
         self._ref_counts[block_id] += 1
 
-    def cache_block(self, block_id: int, block_hash: BlockHash) -> bool:
+    def cached_hashes(self) -> list[BlockHash]:
+        return list(self._cached)
+
+    def cache_block(self, block_id: int, block_hash: BlockHash,
+                    parent_hash: BlockHash | None = None) -> bool:
         """Record that a held, full block holds `block_hash`'s tokens; False when another
         block already holds them (this one then stays uncached)."""
         assert self._ref_counts[block_id] > 0, f"caching free block {block_id}"
@@ -101,4 +109,6 @@ class BlockPool:
             return False
         self._cached[block_hash] = block_id
         self._hash_of[block_id] = block_hash
+        if self.events is not None:
+            self.events.stored(block_hash, parent_hash, "device")
         return True

@@ -271,6 +271,9 @@ class CoreLoop:
             elif kind == ClientMsg.GET_STATS:
                 self._flush()  # keep replies in the order the client asked
                 self._send(CoreMsg.STATS, self.stats().to_wire())
+            elif kind == ClientMsg.GET_KV_SNAPSHOT:
+                self._flush()
+                self._send(CoreMsg.KV_SNAPSHOT, self.engine.kv_snapshot())
             elif kind == ClientMsg.SHUTDOWN:
                 return False
             else:

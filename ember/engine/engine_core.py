@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from ember.config import EngineConfig
 from ember.engine.constraint import SamplingConstraint
@@ -16,6 +17,7 @@ from ember.engine.request import FinishReason, Request
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler, SeqUpdate
 from ember.engine.setup import build_engine_parts
+from ember.kv.events import KVEventPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class EngineCore:
         self.scheduler: Scheduler = parts.scheduler
         self.runner: ModelRunner = parts.runner
         self.constraint: SamplingConstraint = parts.constraint
+        self.kv_events = (KVEventPublisher(config.cache.kv_events_endpoint, parts.kv_events)
+                          if parts.kv_events is not None else None)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -59,6 +63,18 @@ class EngineCore:
         """Finish background work that must outlive the process (disk-tier writes)."""
         if self.runner.tiers is not None:
             self.runner.tiers.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
+
+    def kv_snapshot(self) -> dict[str, Any]:
+        """Every block hash held, by tier, and the number of the last KV-event batch it
+        includes: a subscriber applies this, then the batches numbered above `seq`."""
+        if self.kv_events is not None:
+            self.kv_events.flush()
+        return {"seq": self.kv_events.seq if self.kv_events is not None else 0,
+                "endpoint": self.kv_events.endpoint if self.kv_events is not None else None,
+                "block_size": self.scheduler.kv.block_size,
+                "tiers": self.scheduler.kv.snapshot()}
 
     @property
     def has_unfinished(self) -> bool:
@@ -71,9 +87,13 @@ class EngineCore:
         if sched.is_empty:
             if self.scheduler.is_waiting_for_tiers:
                 time.sleep(0.0005)  # requests wait on disk reads: do not spin the core
-            return []
-        result = self.runner.execute(sched)
-        return [_to_output(u) for u in self.scheduler.update(sched, result)]
+            outputs = []
+        else:
+            result = self.runner.execute(sched)
+            outputs = [_to_output(u) for u in self.scheduler.update(sched, result)]
+        if self.kv_events is not None:
+            self.kv_events.flush()
+        return outputs
 
 
 def _to_output(update: SeqUpdate) -> EngineCoreOutput:

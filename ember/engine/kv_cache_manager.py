@@ -103,19 +103,21 @@ class KVCacheManager:
             self.pool.take_cached(block_id)
             table.append(block_id)
         if self.tiers is not None and len(table) < len(hashes):
-            if not self._match_tiers(hashes[len(table):], table):
+            if not self._match_tiers(hashes, table):
                 self.free(seq.seq_id)
                 return WAIT_FOR_TIERS
         seq.num_cached_blocks = len(table)
         return min(len(table) * self.block_size, seq.num_tokens - 1)
 
     def _match_tiers(self, hashes: list[BlockHash], table: list[int]) -> bool:
-        """Extend `table` with blocks loaded from the CPU tier; False (nothing changed) when
-        some of the prefix is on disk: its reads are started and the caller waits."""
+        """Extend `table` (the device hits among `hashes`) with blocks loaded from the CPU
+        tier; False (nothing changed) when some of the prefix is on disk: its reads are
+        started and the caller waits."""
         assert self.tiers is not None
+        start = len(table)
         found: list[BlockHash] = []
         on_disk: list[BlockHash] = []
-        for block_hash in hashes:
+        for block_hash in hashes[start:]:
             tier = self.tiers.tier_of(block_hash)
             if tier is None:
                 break
@@ -124,12 +126,24 @@ class KVCacheManager:
             self.tiers.prefetch(on_disk)
             return False
         found = found[: self.pool.num_free_blocks]
-        for block_id, block_hash in zip(self.pool.allocate(len(found)), found):
-            self.pool.cache_block(block_id, block_hash)
+        for i, (block_id, block_hash) in enumerate(zip(self.pool.allocate(len(found)), found),
+                                                   start=start):
+            self.pool.cache_block(block_id, block_hash, self._parent(hashes, i))
             self.tiers.pin(block_hash)
             self.pending_loads[block_id] = block_hash
             table.append(block_id)
         return True
+
+    def _parent(self, hashes: list[BlockHash], idx: int) -> BlockHash:
+        return hashes[idx - 1] if idx > 0 else self.cache_root
+
+    def snapshot(self) -> dict[str, list[str]]:
+        """Every block hash held now, by tier (hex), for the KV-events snapshot."""
+        held = {"device": [h.hex() for h in self.pool.cached_hashes()], "cpu": [], "disk": []}
+        if self.tiers is not None:
+            for tier, hashes in self.tiers.hashes().items():
+                held[tier] = [h.hex() for h in hashes]
+        return held
 
     def _on_evict(self, block_id: int, block_hash: BlockHash) -> None:
         loading = self.pending_loads.pop(block_id, None)
@@ -163,7 +177,7 @@ class KVCacheManager:
             return
         hashes = self.block_hashes(seq, num_full)
         for i in range(seq.num_cached_blocks, num_full):
-            self.pool.cache_block(table[i], hashes[i])
+            self.pool.cache_block(table[i], hashes[i], self._parent(hashes, i))
         seq.num_cached_blocks = num_full
 
     @property

@@ -73,6 +73,7 @@ class ClientMsg:
     ABORT = "abort"  # [request_id, ...]
     STOP = "stop"  # [[request_id, seq_index, stop_str], ...]: stop strings the front end found
     GET_STATS = "get_stats"  # None; answered by one CoreMsg.STATS, in order
+    GET_KV_SNAPSHOT = "get_kv_snapshot"  # None; answered by one CoreMsg.KV_SNAPSHOT, in order
     SHUTDOWN = "shutdown"  # None
 
 
@@ -83,6 +84,7 @@ class CoreMsg:
     START_FAILED = "start_failed"  # {"error_type", "message"}: the engine could not be built
     OUTPUTS = "outputs"  # [EngineCoreOutput.to_wire(), ...]: one step's outputs and refusals
     STATS = "stats"  # EngineCoreStats.to_wire()
+    KV_SNAPSHOT = "kv_snapshot"  # EngineCore.kv_snapshot(): block hashes held, by tier
     FAILURE = "failure"  # EngineCoreFailure.to_wire()
 
 

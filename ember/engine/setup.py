@@ -22,6 +22,7 @@ from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
+from ember.kv.events import KVEventRecorder
 from ember.kv.tiers import KVTiers
 from ember.model.loader import ModelInfo, load_model
 from ember.structured.manager import StructuredOutputManager
@@ -52,6 +53,7 @@ class EngineParts:
     scheduler: Scheduler
     runner: ModelRunner
     constraint: SamplingConstraint  # admits requests in the core, masks logits in the runner
+    kv_events: KVEventRecorder | None = None  # fed by the block pool and the tiers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,8 +113,8 @@ def model_cache_root(model_dir: str, dtype: torch.dtype) -> bytes:
     return root_hash((Path(model_dir) / "config.json").read_bytes(), str(dtype))
 
 
-def make_tiers(config: EngineConfig, kv_pool: torch.Tensor,
-               backend: AttentionBackend) -> KVTiers | None:
+def make_tiers(config: EngineConfig, kv_pool: torch.Tensor, backend: AttentionBackend,
+               events: KVEventRecorder | None) -> KVTiers | None:
     """The prefix cache's CPU and disk tiers, when configured."""
     cache = config.cache
     if not cache.enable_prefix_caching or not (cache.kv_cpu_bytes or cache.kv_disk_dir):
@@ -120,7 +122,7 @@ def make_tiers(config: EngineConfig, kv_pool: torch.Tensor,
     block_shape = list(kv_pool.shape)
     del block_shape[backend.block_dim + 1]  # one block of every layer
     tiers = KVTiers(tuple(block_shape), kv_pool.dtype, cpu_bytes=cache.kv_cpu_bytes,
-                    disk_dir=cache.kv_disk_dir, disk_bytes=cache.kv_disk_bytes)
+                    disk_dir=cache.kv_disk_dir, disk_bytes=cache.kv_disk_bytes, events=events)
     logger.info("KV tiers: CPU %.1f MiB, disk %s", tiers.cpu.capacity_bytes / 2**20,
                 f"{cache.kv_disk_dir} ({cache.kv_disk_bytes / 2**20:.0f} MiB)"
                 if tiers.disk is not None else "off")
@@ -159,10 +161,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         "max_model_len=%d", num_blocks, block_size, runtime.num_kv_tokens,
         runtime.kv_cache_bytes / 2**20, info.dtype, runtime.num_kv_tokens / max_model_len,
         max_model_len)
-    tiers = make_tiers(config, kv_pool, backend)
+    events = KVEventRecorder() if config.cache.kv_events_endpoint else None
+    tiers = make_tiers(config, kv_pool, backend, events)
     kv = KVCacheManager(num_blocks, block_size,
                         enable_prefix_caching=config.cache.enable_prefix_caching,
                         cache_root=model_cache_root(config.model.model, info.dtype), tiers=tiers)
+    kv.pool.events = events
     scheduler = Scheduler(config.scheduler, kv, max_model_len)
     graphs = None
     if device.type == "cuda" and not config.device.enforce_eager:
@@ -173,4 +177,4 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.model.preload_grammar:
         constraint.grammars.preload_in_background()
     runner = ModelRunner(model, backend, kv_pool, block_size, device, constraint, graphs, tiers)
-    return EngineParts(info, runtime, scheduler, runner, constraint)
+    return EngineParts(info, runtime, scheduler, runner, constraint, events)

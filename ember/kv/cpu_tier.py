@@ -12,13 +12,16 @@ from collections.abc import Callable
 import torch
 
 from ember.engine.block_hash import BlockHash
+from ember.kv.events import KVEventRecorder
 
 
 class CpuBlockStore:
     def __init__(self, capacity_bytes: int,
-                 on_evict: Callable[[BlockHash, torch.Tensor], None] | None = None) -> None:
+                 on_evict: Callable[[BlockHash, torch.Tensor], None] | None = None,
+                 events: KVEventRecorder | None = None) -> None:
         self.capacity_bytes = capacity_bytes
         self.on_evict = on_evict
+        self.events = events
         self._blocks: OrderedDict[BlockHash, torch.Tensor] = OrderedDict()
         self._pinned: dict[BlockHash, int] = {}  # planned loads: not evictable until done
         self.num_bytes = 0
@@ -46,6 +49,8 @@ class CpuBlockStore:
             return False  # everything left is pinned
         self._blocks[block_hash] = data
         self.num_bytes += size
+        if self.events is not None:
+            self.events.stored(block_hash, None, "cpu")
         return True
 
     def get(self, block_hash: BlockHash) -> torch.Tensor | None:
@@ -70,6 +75,8 @@ class CpuBlockStore:
             return False
         data = self._blocks.pop(victim)
         self.num_bytes -= data.numel() * data.element_size()
+        if self.events is not None:
+            self.events.removed(victim, "cpu")
         if self.on_evict is not None:
             self.on_evict(victim, data)
         return True

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ember.engine.block_hash import BlockHash
+from ember.kv.events import KVEventRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def decode_block(blob: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> tor
 
 class DiskBlockStore:
     def __init__(self, directory: str | Path, capacity_bytes: int, block_shape: tuple[int, ...],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, events: KVEventRecorder | None = None) -> None:
+        self.events = events
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
@@ -84,6 +86,7 @@ class DiskBlockStore:
         for _, block_hash, size in sorted(found):
             self._index[block_hash] = size
             self.num_bytes += size
+            self._event_stored(block_hash)
         self._shrink_to(self.capacity_bytes)
         if found:
             logger.info("KV disk tier: %d blocks (%.1f MiB) found in %s", len(self._index),
@@ -133,6 +136,8 @@ class DiskBlockStore:
         with self._lock:
             if block_hash in self._index:
                 self.num_bytes -= self._index.pop(block_hash)
+            else:
+                self._event_stored(block_hash)
             self._index[block_hash] = len(blob)
             self.num_bytes += len(blob)
             self._shrink_to(self.capacity_bytes)
@@ -142,6 +147,12 @@ class DiskBlockStore:
             victim, size = self._index.popitem(last=False)
             self.num_bytes -= size
             self._path(victim).unlink(missing_ok=True)
+            if self.events is not None:
+                self.events.removed(victim, "disk")
+
+    def _event_stored(self, block_hash: BlockHash) -> None:
+        if self.events is not None:
+            self.events.stored(block_hash, None, "disk")
 
     def flush(self) -> None:
         """Wait for every queued write (tests, shutdown)."""
@@ -164,6 +175,8 @@ class DiskBlockStore:
             if data is None:
                 if block_hash in self._index:
                     self.num_bytes -= self._index.pop(block_hash)
+                    if self.events is not None:
+                        self.events.removed(block_hash, "disk")
                     logger.warning("KV disk tier: block %s is missing or damaged; it will be "
                                    "recomputed", block_hash.hex())
                 self._path(block_hash).unlink(missing_ok=True)

@@ -14,19 +14,21 @@ import torch
 from ember.engine.block_hash import BlockHash
 from ember.kv.cpu_tier import CpuBlockStore
 from ember.kv.disk_tier import DiskBlockStore
+from ember.kv.events import KVEventRecorder
 
 _MIN_STAGING_BLOCKS = 16  # host room for blocks read from disk when no CPU tier is configured
 
 
 class KVTiers:
     def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, *, cpu_bytes: int = 0,
-                 disk_dir: str | Path | None = None, disk_bytes: int = 0) -> None:
+                 disk_dir: str | Path | None = None, disk_bytes: int = 0,
+                 events: KVEventRecorder | None = None) -> None:
         block_bytes = torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size()
-        self.disk = (DiskBlockStore(disk_dir, disk_bytes, block_shape, dtype)
+        self.disk = (DiskBlockStore(disk_dir, disk_bytes, block_shape, dtype, events)
                      if disk_dir is not None and disk_bytes > 0 else None)
         if self.disk is not None:
             cpu_bytes = max(cpu_bytes, _MIN_STAGING_BLOCKS * block_bytes)
-        self.cpu = CpuBlockStore(cpu_bytes, on_evict=self._spill)
+        self.cpu = CpuBlockStore(cpu_bytes, on_evict=self._spill, events=events)
         self._reading: set[BlockHash] = set()
 
     def _spill(self, block_hash: BlockHash, data: torch.Tensor) -> None:

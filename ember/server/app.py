@@ -83,6 +83,13 @@ def build_app(state: ServerState, engine_config: EngineConfig, *,
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(body, request, state)
 
+    @app.get("/kv_cache/snapshot")
+    async def kv_snapshot() -> dict[str, Any]:
+        """Block hashes this worker's prefix cache holds, by tier (for routers); replay the
+        KV-event batches numbered above `seq` on top of it."""
+        state.check_serving()
+        return await state.client.get_kv_snapshot()
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = None

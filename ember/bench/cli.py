@@ -119,6 +119,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_serve_parser(sub)
     _add_serve_compare_parser(sub)
     _add_http_overhead_parser(sub)
+    _add_prefix_cache_parser(sub)
     return bench
 
 
@@ -216,3 +217,44 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_prefix_cache(args: argparse.Namespace) -> int:
+    from ember.bench.prefix_cache import (
+        PrefixCacheBenchConfig,
+        prefix_cache_markdown,
+        run_prefix_cache_bench,
+    )
+
+    model_dir = str(args.model or build_bench_model(args.model_size[0]))
+    report = run_prefix_cache_bench(PrefixCacheBenchConfig(
+        model_dir=model_dir, sessions=args.sessions, turns=args.turns,
+        system_prompt_len=args.system_prompt_len, input_len=args.input_len,
+        output_len=args.output_len, rate=args.rate, max_concurrency=args.max_concurrency,
+        device_kv_bytes=args.device_kv_bytes, cpu_kv_bytes=args.cpu_kv_bytes,
+        num_threads=args.num_threads, modes=args.modes))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prefix_cache.json").write_text(json.dumps(report, indent=2))
+    print(prefix_cache_markdown(report))
+    return 0 if all(r["num_errors"] == 0 for r in report["runs"]) else 1
+
+
+def _add_prefix_cache_parser(sub: argparse._SubParsersAction) -> None:
+    pc = sub.add_parser("prefix-cache", help="The multi-turn sessions trace against one worker "
+                        "with caching off, device only, + CPU tier, + disk tier.")
+    pc.add_argument("--model-size", type=_sizes, default=("10m",), help="10m or 250m.")
+    pc.add_argument("--model", type=Path, default=None, help="Use this model directory.")
+    pc.add_argument("--sessions", type=int, default=24)
+    pc.add_argument("--turns", type=int, default=6)
+    pc.add_argument("--system-prompt-len", type=int, default=1500)
+    pc.add_argument("--input-len", type=int, default=96, help="New tokens per turn.")
+    pc.add_argument("--output-len", type=int, default=32)
+    pc.add_argument("--rate", type=float, default=2.0, help="Sessions per second.")
+    pc.add_argument("--max-concurrency", type=int, default=8)
+    pc.add_argument("--device-kv-bytes", type=int, default=8 << 20,
+                    help="Device KV cache, too small for every session's history.")
+    pc.add_argument("--cpu-kv-bytes", type=int, default=256 << 20)
+    pc.add_argument("--num-threads", type=int, default=None)
+    pc.add_argument("--modes", type=_csv, default=("off", "device", "cpu", "disk"))
+    pc.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
+    pc.set_defaults(func=cmd_prefix_cache)

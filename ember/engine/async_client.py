@@ -36,7 +36,7 @@ from ember.engine.messages import (
 )
 from ember.engine.output_processor import OutputProcessor
 from ember.engine.outputs import RequestOutput
-from ember.engine.prompts import PromptType, tokenize_prompt
+from ember.engine.prompts import PromptType, check_token_ids, tokenize_prompt
 from ember.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ class AsyncEngineClient:
         self._check_alive()
         params = sampling_params if sampling_params is not None else SamplingParams()
         text, token_ids = tokenize_prompt(self.tokenizer, prompt)
+        check_token_ids(token_ids, self.model_info["vocab_size"])  # before detokenizing them
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")

@@ -13,6 +13,7 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.engine.constraint import SamplingConstraint
 from ember.engine.messages import EngineCoreOutput, EngineCoreRequest
+from ember.engine.prompts import check_token_ids
 from ember.engine.request import FinishReason, Request
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler, SeqUpdate
@@ -40,11 +41,7 @@ class EngineCore:
         """Queue a request; raises ValueError naming the problem when it cannot be served."""
         request = Request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time,
                           eos_token_ids=tuple(self.model_info.eos_token_ids))
-        vocab = self.model_info.vocab_size
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary [0, {vocab}):"
-                             f" {bad[:5]}")
+        check_token_ids(req.prompt_token_ids, self.model_info.vocab_size)
         self.constraint.admit(request)  # compiles a structured-output grammar (ValueError if bad)
         self.scheduler.add_request(request)
 

@@ -26,3 +26,11 @@ def tokenize_prompt(tokenizer: Any, prompt: PromptType) -> tuple[str | None, lis
             return prompt["prompt"], tokenizer.encode(prompt["prompt"])
     raise ValueError("a prompt is a string, a list of token ids, or a dict with 'prompt' or "
                      "'prompt_token_ids'")
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int) -> None:
+    """ValueError naming the ids a prompt holds outside the model's vocabulary."""
+    bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt_token_ids contains ids outside the vocabulary "
+                         f"[0, {vocab_size}): {bad[:5]}")

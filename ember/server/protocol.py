@@ -73,7 +73,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[NonNegInt] | list[list[NonNegInt]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
 

@@ -49,9 +49,15 @@ def test_bad_chat_requests_get_400_naming_the_field(server, body, param, contain
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_token_ids_outside_the_vocabulary_are_refused(server, stream):
-    body = {"model": MODEL_NAME, "prompt": [1, 2, 10**6], "max_tokens": 2, "stream": stream}
+@pytest.mark.parametrize("prompt", [[1, 2, 10**6], [[3], [8324309493, 435, 6217077441463]]])
+def test_token_ids_outside_the_vocabulary_are_refused(server, stream, prompt):
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2, "stream": stream}
     _assert_error(_post(server, "/v1/completions", body), 400, contains="vocabulary")
+
+
+def test_negative_token_ids_are_refused(server):
+    body = {"model": MODEL_NAME, "prompt": [[1959, -330], [4]], "max_tokens": 2}
+    _assert_error(_post(server, "/v1/completions", body), 400, param="prompt")
 
 
 def test_invalid_json_and_wrong_types(server):

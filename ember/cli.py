@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any
 
-from ember.config import EngineConfig, ServerConfig, option_fields
+from ember.config import EngineConfig, RouterConfig, ServerConfig, option_fields
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +75,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(config, server, name)
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    from ember.router.launch import run_router
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)
+              if f.name != "workers" and getattr(args, f.name, None) is not None}
+    return run_router(RouterConfig(workers=tuple(args.worker or ()), **values))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ember import LLM, SamplingParams
 
@@ -94,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_field_options(serve.add_argument_group("server options"),
                        [(f.name, f) for f in dataclasses.fields(ServerConfig)])
     serve.set_defaults(func=cmd_serve)
+
+    router = sub.add_parser("router", help="Route OpenAI requests over ember serve workers.")
+    router.add_argument("--worker", action="append", default=None,
+                        help="Worker base URL, e.g. http://127.0.0.1:8001 (repeatable).")
+    _add_field_options(router.add_argument_group("router options"),
+                       [(f.name, f) for f in dataclasses.fields(RouterConfig)
+                        if f.name != "workers"])
+    router.set_defaults(func=cmd_router)
 
     gen = sub.add_parser("generate", help="Generate completions for prompts and exit.")
     _add_engine_options(gen)

@@ -191,6 +191,58 @@ class ServerConfig:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 
 
+@dataclass(frozen=True)
+class RouterConfig:
+    """`ember router`: the front door of a fleet of `ember serve` workers."""
+
+    workers: tuple[str, ...] = field(
+        default=(), metadata={"help": "Worker base URL, e.g. http://127.0.0.1:8001 (repeat)."}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    api_key: str | None = field(
+        default=None, metadata={"help": "Require `Authorization: Bearer KEY` on /v1 and "
+                                        "/workers."}
+    )
+    max_request_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"help": "Largest request body (413 beyond)."}
+    )
+    health_interval_s: float = field(
+        default=2.0, metadata={"help": "Seconds between active health checks of each worker."}
+    )
+    failure_threshold: int = field(
+        default=3, metadata={"help": "Consecutive failures that open a worker's circuit."}
+    )
+    breaker_s: float = field(
+        default=10.0, metadata={"help": "How long an open circuit keeps a worker out."}
+    )
+    max_attempts: int = field(
+        default=3, metadata={"help": "Workers tried for a request that fails before its "
+                                     "first byte."}
+    )
+    decode_weight: float = field(
+        default=0.25, metadata={"help": "Cost of one decode token still to come, in prefill "
+                                        "tokens (the routing cost function's weight)."}
+    )
+    affinity_load_factor: float = field(
+        default=1.25, metadata={"help": "A session stays on its worker while that worker's "
+                                        "load is within this factor of the fleet's mean."}
+    )
+    request_timeout_s: float = field(
+        default=3600.0, metadata={"help": "Longest a proxied request may take, streamed."}
+    )
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_attempts", "failure_threshold"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for url in self.workers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"worker URL {url!r} must start with http:// or https://")
+
+
 def option_fields() -> list[tuple[str, dataclasses.Field]]:
     """Every flat engine option with its field (for the CLI's --help)."""
     return [(f.name, f) for section in _SECTIONS.values() for f in fields(section)]

@@ -24,14 +24,15 @@ async def _send_error(send: Any, status: int, message: str, param: str | None = 
 
 
 class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1 routes when a key is configured."""
+    """Requires `Authorization: Bearer <key>` on the protected routes (/v1 by default)."""
 
-    def __init__(self, app: Any, api_key: str) -> None:
+    def __init__(self, app: Any, api_key: str, protected: tuple[str, ...] = ("/v1",)) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 message = ("missing API key: send 'Authorization: Bearer <key>'" if not given

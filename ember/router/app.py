@@ -1,0 +1,125 @@
+"""The router's FastAPI app: the OpenAI endpoints (proxied), its own /health and /metrics,
+and /workers to register and deregister workers at run time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+
+from ember.config import RouterConfig
+from ember.router.fleet import Fleet
+from ember.router.metrics import RouterMetrics
+from ember.router.policy import RoutingPolicy
+from ember.router.proxy import Proxy, estimate_tokens, routing_request
+from ember.server.errors import APIError, install_error_handlers
+from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+
+_FORWARDED = ("content-type", "x-session-affinity", "x-request-id")
+
+
+class WorkerRegistration(BaseModel):
+    url: str
+
+
+def build_router_app(config: RouterConfig,
+                     count_tokens: Callable[[dict[str, Any]], int] = estimate_tokens) -> Any:
+    fleet = Fleet(list(config.workers), failure_threshold=config.failure_threshold,
+                  breaker_s=config.breaker_s)
+    metrics = RouterMetrics(fleet)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from ember.router.affinity import AffinityRing
+
+        timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=5)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
+                limit=0)) as http:
+            ring = AffinityRing()
+            for url in fleet.workers:
+                ring.add(url)
+            state["ring"] = ring
+            state["proxy"] = Proxy(fleet, RoutingPolicy(decode_weight=config.decode_weight),
+                                   metrics, http, ring, config.max_attempts,
+                                   config.affinity_load_factor)
+            await fleet.check_health(http)
+            checks = asyncio.create_task(fleet.run_health_checks(http, config.health_interval_s))
+            try:
+                yield
+            finally:
+                checks.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checks
+
+    app = FastAPI(title="ember router", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def _proxy(request: Request, path: str) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body)
+        except ValueError as err:
+            raise APIError(400, "the request body is not valid JSON") from err
+        if not isinstance(payload, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        session_id = request.headers.get("x-session-affinity")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+        req = routing_request(payload, count_tokens, session_id)
+        return await state["proxy"].forward(path, body, headers, req, bool(payload.get("stream")))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _proxy(request, "/v1/chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _proxy(request, "/v1/completions")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        ids = sorted({m for w in fleet.eligible() for m in w.model_ids})
+        return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "ember"}
+                                           for i in ids]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not fleet.eligible():
+            raise APIError(503, "no healthy worker", headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok", "workers": len(fleet.eligible())})
+
+    @app.get("/workers")
+    async def workers() -> dict[str, Any]:
+        return {"workers": [w.snapshot() for w in fleet.workers.values()]}
+
+    @app.post("/workers")
+    async def register(body: WorkerRegistration) -> dict[str, Any]:
+        worker = fleet.add(body.url)
+        state["ring"].add(worker.url)
+        await fleet.check_health(state["proxy"].http)
+        return worker.snapshot()
+
+    @app.delete("/workers")
+    async def deregister(url: str) -> dict[str, Any]:
+        worker = fleet.remove(url)
+        if worker is None:
+            raise APIError(404, f"no worker {url!r}", param="url")
+        state["ring"].remove(worker.url)
+        return worker.snapshot()
+
+    @app.get("/metrics")
+    async def router_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    asgi: Any = BodyLimitMiddleware(app, config.max_request_bytes)
+    if config.api_key:
+        asgi = ApiKeyMiddleware(asgi, config.api_key, ("/v1", "/workers"))
+    asgi.fastapi, asgi.fleet = app, fleet
+    return asgi

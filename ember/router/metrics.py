@@ -1,0 +1,55 @@
+"""Prometheus metrics of `ember router`: per-worker load in tokens, decisions by reason,
+predicted cached tokens, session-affinity hits and moves, retries and upstream errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ember.router.fleet import Fleet
+
+
+class _FleetCollector(Collector):
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, doc, attr in (
+            ("ember_router:worker_prefill_tokens", "Uncached prompt tokens in flight.",
+             "prefill_tokens"),
+            ("ember_router:worker_running_requests", "Requests in flight.", "running"),
+            ("ember_router:worker_decode_tokens", "Tokens still to generate.", "decode_tokens"),
+            ("ember_router:worker_healthy", "1 when the worker takes requests.", "is_eligible"),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["worker"])
+            for worker in self.fleet.workers.values():
+                family.add_metric([worker.url], float(getattr(worker, attr)))
+            yield family
+
+
+class RouterMetrics:
+    def __init__(self, fleet: Fleet) -> None:
+        self.registry = reg = CollectorRegistry()
+        self._decisions = Counter("ember_router:decisions", "Routing decisions by reason.",
+                                  ["reason"], registry=reg)
+        self.predicted_cached_tokens = Counter(
+            "ember_router:predicted_cached_tokens", "Prompt tokens predicted to hit a cache.",
+            registry=reg)
+        self.affinity_hits = Counter("ember_router:affinity_hits",
+                                     "Session requests sent to the session's previous worker.",
+                                     registry=reg)
+        self.affinity_moves = Counter("ember_router:affinity_moves",
+                                      "Session requests sent to another worker than before.",
+                                      registry=reg)
+        self.upstream_errors = Counter("ember_router:upstream_errors",
+                                       "Worker failures by kind.", ["kind"], registry=reg)
+        reg.register(_FleetCollector(fleet))
+
+    def decision(self, reason: str) -> None:
+        self._decisions.labels(reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,162 @@
+"""Forwarding one request: pick a worker, send it, retry elsewhere while nothing has reached
+the client, then relay the worker's bytes as they come (no buffering). Load tickets are
+released on every path; a failure after the first byte ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from fastapi.responses import Response, StreamingResponse
+
+from ember.router.fleet import Fleet, LoadTicket, Worker
+from ember.router.metrics import RouterMetrics
+from ember.router.policy import Decision, RoutingPolicy, RoutingRequest
+from ember.server.errors import APIError, error_sse
+from ember.server.streaming import SSE_DONE, SSE_HEADERS
+
+logger = logging.getLogger(__name__)
+
+_RETRYABLE_STATUS = (502, 503, 504)
+WORKER_HEADER = "x-ember-worker"  # which worker served the response
+
+
+class Proxy:
+    def __init__(self, fleet: Fleet, policy: RoutingPolicy, metrics: RouterMetrics,
+                 http: aiohttp.ClientSession, affinity: Any = None, max_attempts: int = 3,
+                 affinity_load_factor: float = 1.25) -> None:
+        self.fleet = fleet
+        self.policy = policy
+        self.metrics = metrics
+        self.http = http
+        self.affinity = affinity  # AffinityRing or None
+        self.max_attempts = max_attempts
+        self.affinity_load_factor = affinity_load_factor
+        self._session_homes: dict[str, str] = {}  # last worker per session, to count moves
+
+    def _decide(self, req: RoutingRequest, tried: set[str]) -> Decision | None:
+        workers = [w for w in self.fleet.eligible() if w.url not in tried]
+        home = None
+        if req.session_id is not None and self.affinity is not None:
+            url = self.affinity.pick(req.session_id, {w.url: w.running for w in workers},
+                                     {w.url for w in workers}, self.affinity_load_factor)
+            home = self.fleet.workers.get(url) if url is not None else None
+        decision = self.policy.choose(req, workers, home)
+        if decision is not None and req.session_id is not None:
+            previous = self._session_homes.get(req.session_id)
+            if previous is not None and previous != decision.worker.url:
+                self.metrics.affinity_moves.inc()
+            elif previous is not None:
+                self.metrics.affinity_hits.inc()
+            self._session_homes[req.session_id] = decision.worker.url
+        return decision
+
+    async def forward(self, path: str, body: bytes, headers: dict[str, str],
+                      req: RoutingRequest, stream: bool) -> Response:
+        tried: set[str] = set()
+        last_error = "no eligible worker"
+        for attempt in range(self.max_attempts):
+            decision = self._decide(req, tried)
+            if decision is None:
+                break
+            worker = decision.worker
+            tried.add(worker.url)
+            self.metrics.decision(decision.reason if attempt == 0 else "retry")
+            self.metrics.predicted_cached_tokens.inc(decision.predicted_cached_tokens)
+            ticket = LoadTicket(worker, req.num_prompt_tokens - decision.predicted_cached_tokens,
+                                req.max_tokens)
+            try:
+                result = await self._attempt(worker, ticket, path, body, headers, stream)
+            except _Retry as retry:
+                ticket.release()
+                last_error = f"{worker.url}: {retry}"
+                self.fleet.record_failure(worker, str(retry))
+                self.metrics.upstream_errors.labels(retry.kind).inc()
+                continue
+            except BaseException:
+                ticket.release()
+                raise
+            self.fleet.record_success(worker)
+            return result
+        raise APIError(503 if not tried else 502,
+                       f"no worker could serve the request ({last_error})",
+                       headers={"Retry-After": "1"})
+
+    async def _attempt(self, worker: Worker, ticket: LoadTicket, path: str, body: bytes,
+                       headers: dict[str, str], stream: bool) -> Response:
+        """The worker's answer; raises _Retry when it failed before anything was sent on."""
+        try:
+            resp = await self.http.post(f"{worker.url}{path}", data=body, headers=headers)
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            raise _Retry("connect", repr(err)) from err
+        if resp.status in _RETRYABLE_STATUS:
+            text = await resp.text()
+            resp.release()
+            raise _Retry("status", f"HTTP {resp.status}: {text[:200]}")
+        if not stream or resp.status != 200:
+            try:
+                data = await resp.read()
+            except (TimeoutError, aiohttp.ClientError) as err:
+                raise _Retry("read", repr(err)) from err
+            finally:
+                resp.release()
+            ticket.release()
+            return Response(data, status_code=resp.status, headers={WORKER_HEADER: worker.url},
+                            media_type=resp.headers.get("content-type", "application/json"))
+        try:
+            first = await resp.content.readany()
+        except (TimeoutError, aiohttp.ClientError) as err:
+            resp.close()
+            raise _Retry("read", repr(err)) from err
+        if not first:
+            resp.close()
+            raise _Retry("read", "the worker closed the stream before any byte")
+        ticket.first_byte()
+        return StreamingResponse(self._relay(worker, ticket, resp, first),
+                                 media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, WORKER_HEADER: worker.url})
+
+    async def _relay(self, worker: Worker, ticket: LoadTicket, resp: aiohttp.ClientResponse,
+                     first: bytes) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as err:
+            self.fleet.record_failure(worker, repr(err))
+            self.metrics.upstream_errors.labels("midstream").inc()
+            yield error_sse(APIError(502, f"worker {worker.url} failed mid-stream: "
+                                          f"{type(err).__name__}")).encode()
+            yield SSE_DONE.encode()
+        finally:
+            ticket.release()
+            resp.close()  # on a client disconnect this drops the worker's connection: it aborts
+
+
+class _Retry(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def routing_request(payload: dict[str, Any], count_tokens: Any,
+                    session_id: str | None) -> RoutingRequest:
+    """What routing needs from an OpenAI body: prompt tokens (counted or estimated) and the
+    decode budget."""
+    max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or 256
+    n = payload.get("n") or 1
+    if not isinstance(max_tokens, int) or not isinstance(n, int):
+        max_tokens, n = 256, 1
+    return RoutingRequest(count_tokens(payload), max_tokens * max(n, 1), session_id)
+
+
+def estimate_tokens(payload: dict[str, Any]) -> int:
+    """Without a tokenizer: ~4 bytes of text per token (token-id prompts are counted)."""
+    prompt = payload.get("prompt", payload.get("messages", ""))
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return max(1, len(json.dumps(prompt, ensure_ascii=False).encode()) // 4)

@@ -198,6 +198,10 @@ class RouterConfig:
     workers: tuple[str, ...] = field(
         default=(), metadata={"help": "Worker base URL, e.g. http://127.0.0.1:8001 (repeat)."}
     )
+    model: str | None = field(
+        default=None, metadata={"help": "The workers' model directory: its tokenizer gives "
+                                        "exact prompt tokens and cache-aware routing."}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
     api_key: str | None = field(

@@ -71,6 +71,7 @@ class EngineCore:
         return {"seq": self.kv_events.seq if self.kv_events is not None else 0,
                 "endpoint": self.kv_events.endpoint if self.kv_events is not None else None,
                 "block_size": self.scheduler.kv.block_size,
+                "root": self.scheduler.kv.cache_root.hex(),
                 "tiers": self.scheduler.kv.snapshot()}
 
     @property

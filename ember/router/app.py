@@ -29,8 +29,25 @@ class WorkerRegistration(BaseModel):
     url: str
 
 
+def _cache_view(config: RouterConfig) -> Any:
+    if config.model is None:
+        return None
+    from ember.model.tokenizer import load_tokenizer
+    from ember.router.cache_view import CacheView
+
+    return CacheView(load_tokenizer(config.model))
+
+
+async def _follow_caches(cache: Any, fleet: Fleet, interval_s: float) -> None:
+    while True:
+        with contextlib.suppress(Exception):
+            await cache.sync(fleet)
+        await asyncio.sleep(interval_s)
+
+
 def build_router_app(config: RouterConfig,
                      count_tokens: Callable[[dict[str, Any]], int] = estimate_tokens) -> Any:
+    cache = _cache_view(config)
     fleet = Fleet(list(config.workers), failure_threshold=config.failure_threshold,
                   breaker_s=config.breaker_s)
     metrics = RouterMetrics(fleet)
@@ -51,13 +68,20 @@ def build_router_app(config: RouterConfig,
                                    metrics, http, ring, config.max_attempts,
                                    config.affinity_load_factor)
             await fleet.check_health(http)
-            checks = asyncio.create_task(fleet.run_health_checks(http, config.health_interval_s))
+            tasks = [asyncio.create_task(fleet.run_health_checks(http, config.health_interval_s))]
+            if cache is not None:
+                await cache.sync(fleet)
+                tasks.append(asyncio.create_task(
+                    _follow_caches(cache, fleet, config.health_interval_s)))
             try:
                 yield
             finally:
-                checks.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await checks
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if cache is not None:
+                    await cache.close()
 
     app = FastAPI(title="ember router", lifespan=lifespan)
     install_error_handlers(app)
@@ -72,8 +96,16 @@ def build_router_app(config: RouterConfig,
             raise APIError(400, "the request body must be a JSON object")
         session_id = request.headers.get("x-session-affinity")
         headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
-        req = routing_request(payload, count_tokens, session_id)
-        return await state["proxy"].forward(path, body, headers, req, bool(payload.get("stream")))
+        hashes: list[str] = []
+        if cache is not None and (ids := cache.prompt_tokens(payload)) is not None:
+            hashes = cache.block_hashes(ids)
+            req = routing_request(payload, lambda _: len(ids), session_id,
+                                  cache.cached_tiers(hashes))
+        else:
+            req = routing_request(payload, count_tokens, session_id)
+        on_dispatch = (lambda url: cache.routed(url, hashes)) if cache is not None else None
+        return await state["proxy"].forward(path, body, headers, req, bool(payload.get("stream")),
+                                            on_dispatch)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

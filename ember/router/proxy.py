@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -56,7 +56,8 @@ class Proxy:
         return decision
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str],
-                      req: RoutingRequest, stream: bool) -> Response:
+                      req: RoutingRequest, stream: bool,
+                      on_dispatch: Callable[[str], None] | None = None) -> Response:
         tried: set[str] = set()
         last_error = "no eligible worker"
         for attempt in range(self.max_attempts):
@@ -69,6 +70,8 @@ class Proxy:
             self.metrics.predicted_cached_tokens.inc(decision.predicted_cached_tokens)
             ticket = LoadTicket(worker, req.num_prompt_tokens - decision.predicted_cached_tokens,
                                 req.max_tokens)
+            if on_dispatch is not None:
+                on_dispatch(worker.url)
             try:
                 result = await self._attempt(worker, ticket, path, body, headers, stream)
             except _Retry as retry:
@@ -143,15 +146,16 @@ class _Retry(Exception):
         self.kind = kind
 
 
-def routing_request(payload: dict[str, Any], count_tokens: Any,
-                    session_id: str | None) -> RoutingRequest:
+def routing_request(payload: dict[str, Any], count_tokens: Any, session_id: str | None,
+                    cached_tiers: dict[str, list[str]] | None = None) -> RoutingRequest:
     """What routing needs from an OpenAI body: prompt tokens (counted or estimated) and the
     decode budget."""
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or 256
     n = payload.get("n") or 1
     if not isinstance(max_tokens, int) or not isinstance(n, int):
         max_tokens, n = 256, 1
-    return RoutingRequest(count_tokens(payload), max_tokens * max(n, 1), session_id)
+    return RoutingRequest(count_tokens(payload), max_tokens * max(n, 1), session_id,
+                          cached_tiers or {})
 
 
 def estimate_tokens(payload: dict[str, Any]) -> int:

@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-from tests.factories import tiny_model_dir
 from tests.server.conftest import MODEL_NAME, ServerProcess, free_port, running_server
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
@@ -21,11 +20,11 @@ CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
 
 
 class RouterProcess:
-    def __init__(self, *workers: str) -> None:
+    def __init__(self, *workers: str, flags: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "ember.cli", "router", "--port", str(self.port),
-               "--health-interval-s", "0.5", "--breaker-s", "30"]
+               "--health-interval-s", "0.5", "--breaker-s", "30", *flags]
         for worker in workers:
             cmd += ["--worker", worker]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -44,11 +43,6 @@ class RouterProcess:
 
     def workers(self) -> list[dict]:
         return httpx.get(f"{self.url}/workers", timeout=10).json()["workers"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("router-models"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,47 @@
+"""Cache-aware routing with real workers publishing KV events: with no affinity header, a
+conversation goes to the worker that already holds its prefix."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.router.test_router import RouterProcess
+from tests.server.conftest import MODEL_NAME, free_port, running_server
+
+
+def _conversation(topic: str) -> list[dict]:
+    return [{"role": "system", "content": f"You answer questions about {topic}. " * 15},
+            {"role": "user", "content": "first question"}]
+
+
+def _chat(url: str, messages: list[dict]) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL_NAME, "messages": messages, "max_tokens": 4})
+
+
+def test_requests_follow_the_cached_prefix(model_dir):
+    events = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+    with running_server(model_dir, "--kv-events-endpoint", events[0]) as a, \
+            running_server(model_dir, "--kv-events-endpoint", events[1]) as b:
+        router = RouterProcess(a.url, b.url, flags=("--model", str(model_dir)))
+        try:
+            homes = {"caches": a.url, "routers": b.url}
+            for topic, url in homes.items():  # warm each worker directly
+                assert _chat(url, _conversation(topic)).status_code == 200
+            time.sleep(1.0)  # let the router's subscribers take the batches
+            for _ in range(3):
+                for topic, url in homes.items():
+                    follow_up = _conversation(topic) + [
+                        {"role": "assistant", "content": "ok"},
+                        {"role": "user", "content": "and a follow-up"}]
+                    resp = _chat(router.url, follow_up)
+                    assert resp.status_code == 200
+                    assert resp.headers["x-ember-worker"] == url, topic
+            metrics = httpx.get(f"{router.url}/metrics", timeout=10).text
+            line = next(x for x in metrics.splitlines()
+                        if x.startswith('ember_router:decisions_total{reason="cache"}'))
+            assert float(line.rsplit(" ", 1)[1]) >= 6
+        finally:
+            router.stop()

@@ -161,7 +161,8 @@ class Scheduler:
         idx = 0  # sequences whose cached prefix is still being read from disk are passed over
         while idx < len(self.waiting) and budget > 0:
             seq = self.waiting[idx]
-            if len(self.running) + self._num_pending_children(seq) >= self.config.max_num_seqs:
+            if self._num_reserved_seqs() + 1 + self._num_pending_children(seq) > \
+                    self.config.max_num_seqs:
                 break
             if not self._match_prefix(seq):
                 idx += 1
@@ -206,6 +207,11 @@ class Scheduler:
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0
         return min(remaining, budget)
+
+    def _num_reserved_seqs(self) -> int:
+        """Running sequences plus the n > 1 children their leaders will fork at prompt end."""
+        return len(self.running) + sum(self._num_pending_children(s) for s in self.running
+                                       if s.index == 0 and s.num_output_tokens == 0)
 
     @staticmethod
     def _num_pending_children(seq: Sequence) -> int:

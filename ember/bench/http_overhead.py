@@ -12,8 +12,10 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 SERVED_NAME = "bench"
@@ -109,25 +111,18 @@ async def _measure(cfg: OverheadConfig, url: str) -> dict[str, Any]:
 
 
 def run_http_overhead(cfg: OverheadConfig) -> dict[str, Any]:
-    from ember.bench.server_process import ServerProcess
+    from ember.bench.serve.servers import ServerLaunch, running_server
+    from ember.bench.throughput import machine_info
 
-    flags = ["--served-model-name", SERVED_NAME, "--kv-cache-memory", str(cfg.kv_cache_memory)]
+    argv = [sys.executable, "-m", "ember.cli", "serve", "--model", cfg.model_dir,
+            "--served-model-name", SERVED_NAME, "--kv-cache-memory", str(cfg.kv_cache_memory)]
     if cfg.num_threads is not None:
-        flags += ["--num-threads", str(cfg.num_threads)]
-    with ServerProcess([sys.executable, "-m", "ember.cli", "serve", "--model", cfg.model_dir,
-                        *flags]) as server:
+        argv += ["--num-threads", str(cfg.num_threads)]
+    with tempfile.TemporaryDirectory(prefix="ember-http-overhead-") as tmp, \
+            running_server(ServerLaunch("ember", tuple(argv)), Path(tmp) / "server.log") as server:
         report = asyncio.run(_measure(cfg, server.url))
-    report["machine"] = _machine()
+    report["machine"] = machine_info()
     return report
-
-
-def _machine() -> str:
-    import platform
-
-    import psutil
-
-    return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}")
 
 
 def overhead_markdown(report: dict[str, Any]) -> str:

@@ -10,14 +10,15 @@ import asyncio
 import bisect
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ember.bench.serve.config import ServeBenchConfig
 from ember.bench.serve.datasets import Session, TextBuilder, sessions_dataset
 from ember.bench.serve.loadgen import LoadGenerator, open_http
 from ember.bench.serve.report import summarize
-from ember.bench.server_process import ServerProcess
+from ember.bench.serve.servers import ServerLaunch, running_server
 
 SERVED_NAME = "bench"
 MODES = ("off", "device", "cpu", "disk")
@@ -107,10 +108,11 @@ def _prompt_tokens(tokenizer: Any, sessions: list[Session], results: list) -> li
 
 
 def _run_mode(cfg: PrefixCacheBenchConfig, mode: str, tokenizer: Any) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ember-kv-disk-") as disk_dir:
-        cmd = [sys.executable, "-m", "ember.cli", "serve", "--model", cfg.model_dir,
-               *_server_flags(cfg, mode, disk_dir)]
-        with ServerProcess(cmd) as server:
+    with tempfile.TemporaryDirectory(prefix="ember-prefix-cache-") as tmp:
+        argv = (sys.executable, "-m", "ember.cli", "serve", "--model", cfg.model_dir,
+                *_server_flags(cfg, mode, str(Path(tmp) / "kv-disk")))
+        with running_server(ServerLaunch(f"ember-{mode}", argv), Path(tmp) / "server.log") \
+                as server:
             load = _load_config(cfg, server.url)
             sessions, results, duration_s = asyncio.run(_run_sessions(load, tokenizer))
     summary = summarize(results, duration_s, {})
@@ -137,7 +139,7 @@ def run_prefix_cache_bench(cfg: PrefixCacheBenchConfig) -> dict[str, Any]:
             "ideal_hit_ratio"] else None
         if off is not None and off["ttft_ms"]["p90"]:
             run["p90_ttft_vs_off"] = run["ttft_ms"]["p90"] / off["ttft_ms"]["p90"]
-    return {"config": asdict(replace(cfg)), "runs": runs}
+    return {"config": asdict(cfg), "runs": runs}
 
 
 def prefix_cache_markdown(report: dict[str, Any]) -> str:

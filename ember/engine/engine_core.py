@@ -83,15 +83,21 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.is_waiting_for_tiers:
-                time.sleep(0.0005)  # requests wait on disk reads: do not spin the core
-            outputs = []
-        else:
-            result = self.runner.execute(sched)
-            outputs = [_to_output(u) for u in self.scheduler.update(sched, result)]
+            self._idle()
+            return []
+        result = self.runner.execute(sched)
+        outputs = [_to_output(u) for u in self.scheduler.update(sched, result)]
+        self._publish_kv_events()
+        return outputs
+
+    def _idle(self) -> None:
+        if self.scheduler.is_waiting_for_tiers:
+            time.sleep(0.0005)  # requests wait on disk reads: do not spin the core
+        self._publish_kv_events()  # disk-tier writes finish on their own thread
+
+    def _publish_kv_events(self) -> None:
         if self.kv_events is not None:
             self.kv_events.flush()
-        return outputs
 
 
 def _to_output(update: SeqUpdate) -> EngineCoreOutput:

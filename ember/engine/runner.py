@@ -78,11 +78,8 @@ class ModelRunner:
         (saves first: a block may be evicted and reused for a load in the same step)."""
         assert self.tiers is not None
         axis = self.backend.block_dim + 1
-        if saves:
-            ids = torch.tensor([b for b, _ in saves], device=self.device)
-            data = self.kv_pool.index_select(axis, ids).cpu()  # [..., n, ...] on the host
-            for i, (_, block_hash) in enumerate(saves):
-                self.tiers.save(block_hash, data.select(axis, i).clone())
+        for block_id, block_hash in saves:  # one host copy per block, owned by the tiers
+            self.tiers.save(block_hash, self.kv_pool.select(axis, block_id).to("cpu", copy=True))
         if loads:
             ids = torch.tensor([b for b, _ in loads], device=self.device)
             blocks = torch.stack([self.tiers.load(h) for _, h in loads], dim=axis)

@@ -159,10 +159,11 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk],
                           copies: list[tuple[int, int]]) -> None:
         idx = 0  # sequences whose cached prefix is still being read from disk are passed over
+        num_reserved = self._num_reserved_seqs()
         while idx < len(self.waiting) and budget > 0:
             seq = self.waiting[idx]
-            if self._num_reserved_seqs() + 1 + self._num_pending_children(seq) > \
-                    self.config.max_num_seqs:
+            num_seqs = 1 + self._num_pending_children(seq)
+            if num_reserved + num_seqs > self.config.max_num_seqs:
                 break
             if not self._match_prefix(seq):
                 idx += 1
@@ -176,6 +177,7 @@ class Scheduler:
             if seq.num_output_tokens == 0 and seq.num_preemptions == 0:
                 seq.request.num_cached_tokens = seq.num_computed_tokens
             del self.waiting[idx]
+            num_reserved += num_seqs
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             copies.extend(new_copies)

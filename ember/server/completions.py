@@ -130,8 +130,7 @@ class _CompletionView:
                 start = num_sent.get(key, 0)
                 end = len(seq.token_ids)
                 if not (seq.delta_text or seq.finished or (is_first and self.req.echo)):
-                    num_sent[key] = start if not is_first else 0
-                    continue
+                    continue  # held-back text: its tokens go out with the next chunk
                 num_sent[key] = end
                 chunk = {"id": self.id, "object": "text_completion", "created": self.created,
                          "model": self.state.model_name, "choices": [{

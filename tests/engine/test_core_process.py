@@ -34,6 +34,7 @@ from ember.engine.messages import (
     decode_msg,
     encode_msg,
 )
+from ember.engine.prompts import check_token_ids
 from ember.engine.request import FinishReason, Request
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
@@ -77,9 +78,7 @@ class FakeEngine:
         self.step_delay_s = step_delay_s
 
     def add_request(self, req: EngineCoreRequest) -> None:
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < VOCAB]
-        if bad:
-            raise ValueError(f"prompt_token_ids contains ids outside the vocabulary: {bad[:5]}")
+        check_token_ids(req.prompt_token_ids, VOCAB)
         self.scheduler.add_request(Request(req.request_id, req.prompt_token_ids, req.params,
                                            req.arrival_time, eos_token_ids=(EOS,)))
 

@@ -4,42 +4,32 @@ counters back at zero afterwards."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from ember.bench.serve import servers
 from tests.server.conftest import MODEL_NAME, ServerProcess, free_port, running_server
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
         "max_tokens": 8, "temperature": 0}
 
 
-class RouterProcess:
-    def __init__(self, *workers: str, flags: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ember.cli", "router", "--port", str(self.port),
-               "--health-interval-s", "0.5", "--breaker-s", "30", *flags]
-        for worker in workers:
-            cmd += ["--worker", worker]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
-            time.sleep(0.2)
-        raise TimeoutError("router not healthy")
+class RouterProcess(servers.ServerProcess):
+    """`ember router` in front of `workers`, started and healthy (a worker answers)."""
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
+    def __init__(self, *workers: str, flags: tuple[str, ...] = ()) -> None:
+        argv = [sys.executable, "-m", "ember.cli", "router", "--health-interval-s", "0.5",
+                "--breaker-s", "30", *flags]
+        for worker in workers:
+            argv += ["--worker", worker]
+        log = Path(tempfile.mkdtemp(prefix="ember-router-")) / "router.log"
+        super().__init__(servers.ServerLaunch("router", tuple(argv), start_timeout_s=60), log)
+        self.wait_ready()
 
     def workers(self) -> list[dict]:
         return httpx.get(f"{self.url}/workers", timeout=10).json()["workers"]

@@ -4,18 +4,16 @@ with SIGTERM (and checked to exit 0)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
+import itertools
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from ember.bench.serve import servers
+from ember.bench.serve.servers import free_port
 from tests.factories import tiny_model_dir
 
 # NOTE: one torch thread: on a 2-core CI box the server, the core and the test share the cores.
@@ -24,52 +22,21 @@ ENGINE_FLAGS = ["--max-model-len", "1024", "--kv-cache-memory", str(4 << 20),
                 "--num-threads", "1"]
 MODEL_NAME = "tiny"
 START_TIMEOUT_S = 120
+_LOG_IDS = itertools.count()
+__all__ = ["free_port"]  # re-exported for the router and KV-event tests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(servers.ServerProcess):
+    """`ember serve` on the tiny model with the test flags; logs beside the model."""
 
-
-class ServerProcess:
     def __init__(self, model_dir: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ember.cli", "serve", "--model", str(model_dir),
-               "--port", str(self.port), "--served-model-name", MODEL_NAME,
-               *ENGINE_FLAGS, *flags]
-        self.log_path = model_dir.parent / f"server-{self.port}.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready in {START_TIMEOUT_S}s:\n{self.output()}")
+        argv = (sys.executable, "-m", "ember.cli", "serve", "--model", str(model_dir),
+                "--served-model-name", MODEL_NAME, *ENGINE_FLAGS, *flags)
+        launch = servers.ServerLaunch("ember", argv, start_timeout_s=START_TIMEOUT_S)
+        super().__init__(launch, model_dir.parent / f"server-{next(_LOG_IDS)}.log")
 
     def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_text()
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return self.log_tail(100_000)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ def _add_field_options(group: argparse._ArgumentGroup,
                                default=None, help=help_text)
         else:
             group.add_argument(flag, dest=name, type=_field_parser(f), default=None,
-                               help=help_text)
+                               choices=f.metadata.get("choices"), help=help_text)
 
 
 def _field_parser(f: dataclasses.Field):

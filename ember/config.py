@@ -224,6 +224,16 @@ class RouterConfig:
         default=3, metadata={"help": "Workers tried for a request that fails before its "
                                      "first byte."}
     )
+    routing_policy: str = field(
+        default="ember", metadata={
+            "help": "ember (the cost function), or a baseline: round_robin, least_requests, "
+                    "prefix_tree (SGLang-style prefix tree with a balance threshold).",
+            "choices": ("ember", "round_robin", "least_requests", "prefix_tree")}
+    )
+    session_affinity: bool = field(
+        default=True, metadata={"help": "Keep requests with one x-session-affinity header on "
+                                        "one worker (within the load bound)."}
+    )
     decode_weight: float = field(
         default=0.25, metadata={"help": "Cost of one decode token still to come, in prefill "
                                         "tokens (the routing cost function's weight)."}
@@ -242,9 +252,17 @@ class RouterConfig:
         for name in ("max_attempts", "failure_threshold"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        policies = fields_by_name(RouterConfig)["routing_policy"].metadata["choices"]
+        if self.routing_policy not in policies:
+            raise ValueError(f"routing_policy must be one of {', '.join(policies)}, "
+                             f"got {self.routing_policy!r}")
         for url in self.workers:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"worker URL {url!r} must start with http:// or https://")
+
+
+def fields_by_name(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls)}
 
 
 def option_fields() -> list[tuple[str, dataclasses.Field]]:

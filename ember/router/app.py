@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from ember.config import RouterConfig
 from ember.router.fleet import Fleet
 from ember.router.metrics import RouterMetrics
-from ember.router.policy import RoutingPolicy
 from ember.router.proxy import Proxy, estimate_tokens, routing_request
+from ember.router.routing import Dispatcher, make_policy
 from ember.server.errors import APIError, install_error_handlers
 from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 
@@ -51,22 +51,18 @@ def build_router_app(config: RouterConfig,
     fleet = Fleet(list(config.workers), failure_threshold=config.failure_threshold,
                   breaker_s=config.breaker_s)
     metrics = RouterMetrics(fleet)
+    dispatcher = Dispatcher(make_policy(config.routing_policy, config.decode_weight),
+                            config.session_affinity, config.affinity_load_factor)
+    for url in fleet.workers:
+        dispatcher.add_worker(url)
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        from ember.router.affinity import AffinityRing
-
         timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=5)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
                 limit=0)) as http:
-            ring = AffinityRing()
-            for url in fleet.workers:
-                ring.add(url)
-            state["ring"] = ring
-            state["proxy"] = Proxy(fleet, RoutingPolicy(decode_weight=config.decode_weight),
-                                   metrics, http, ring, config.max_attempts,
-                                   config.affinity_load_factor)
+            state["proxy"] = Proxy(fleet, dispatcher, metrics, http, config.max_attempts)
             await fleet.check_health(http)
             tasks = [asyncio.create_task(fleet.run_health_checks(http, config.health_interval_s))]
             if cache is not None:
@@ -100,7 +96,7 @@ def build_router_app(config: RouterConfig,
         if cache is not None and (ids := cache.prompt_tokens(payload)) is not None:
             hashes = cache.block_hashes(ids)
             req = routing_request(payload, lambda _: len(ids), session_id,
-                                  cache.cached_tiers(hashes))
+                                  cache.cached_tiers(hashes), hashes, cache.block_size)
         else:
             req = routing_request(payload, count_tokens, session_id)
         on_dispatch = (lambda url: cache.routed(url, hashes)) if cache is not None else None
@@ -134,7 +130,7 @@ def build_router_app(config: RouterConfig,
     @app.post("/workers")
     async def register(body: WorkerRegistration) -> dict[str, Any]:
         worker = fleet.add(body.url)
-        state["ring"].add(worker.url)
+        dispatcher.add_worker(worker.url)
         await fleet.check_health(state["proxy"].http)
         return worker.snapshot()
 
@@ -143,7 +139,7 @@ def build_router_app(config: RouterConfig,
         worker = fleet.remove(url)
         if worker is None:
             raise APIError(404, f"no worker {url!r}", param="url")
-        state["ring"].remove(worker.url)
+        dispatcher.remove_worker(worker.url)
         return worker.snapshot()
 
     @app.get("/metrics")

@@ -1,5 +1,5 @@
 """Prometheus metrics of `ember router`: per-worker load in tokens, decisions by reason,
-predicted cached tokens, session-affinity hits and moves, retries and upstream errors."""
+predicted and actual cached tokens, session-affinity hits and moves, retries and upstream errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ember.router.fleet import Fleet
+from ember.router.routing import Routed
 
 
 class _FleetCollector(Collector):
@@ -38,6 +39,10 @@ class RouterMetrics:
         self.predicted_cached_tokens = Counter(
             "ember_router:predicted_cached_tokens", "Prompt tokens predicted to hit a cache.",
             registry=reg)
+        self.actual_cached_tokens = Counter(
+            "ember_router:actual_cached_tokens",
+            "Prompt tokens the workers reported as cache hits (x-ember-cached-tokens).",
+            registry=reg)
         self.affinity_hits = Counter("ember_router:affinity_hits",
                                      "Session requests sent to the session's previous worker.",
                                      registry=reg)
@@ -48,8 +53,13 @@ class RouterMetrics:
                                        "Worker failures by kind.", ["kind"], registry=reg)
         reg.register(_FleetCollector(fleet))
 
-    def decision(self, reason: str) -> None:
-        self._decisions.labels(reason).inc()
+    def routed(self, routed: Routed) -> None:
+        self._decisions.labels(routed.decision.reason).inc()
+        self.predicted_cached_tokens.inc(routed.decision.predicted_cached_tokens)
+        if routed.session_move is True:
+            self.affinity_moves.inc()
+        elif routed.session_move is False:
+            self.affinity_hits.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,9 +15,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from ember.router.fleet import Fleet, LoadTicket, Worker
 from ember.router.metrics import RouterMetrics
-from ember.router.policy import Decision, RoutingPolicy, RoutingRequest
+from ember.router.policy import RoutingRequest
+from ember.router.routing import Dispatcher
 from ember.server.errors import APIError, error_sse
 from ember.server.streaming import SSE_DONE, SSE_HEADERS
+from ember.server.usage import CACHED_TOKENS_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -26,34 +28,13 @@ WORKER_HEADER = "x-ember-worker"  # which worker served the response
 
 
 class Proxy:
-    def __init__(self, fleet: Fleet, policy: RoutingPolicy, metrics: RouterMetrics,
-                 http: aiohttp.ClientSession, affinity: Any = None, max_attempts: int = 3,
-                 affinity_load_factor: float = 1.25) -> None:
+    def __init__(self, fleet: Fleet, dispatcher: Dispatcher, metrics: RouterMetrics,
+                 http: aiohttp.ClientSession, max_attempts: int = 3) -> None:
         self.fleet = fleet
-        self.policy = policy
+        self.dispatcher = dispatcher
         self.metrics = metrics
         self.http = http
-        self.affinity = affinity  # AffinityRing or None
         self.max_attempts = max_attempts
-        self.affinity_load_factor = affinity_load_factor
-        self._session_homes: dict[str, str] = {}  # last worker per session, to count moves
-
-    def _decide(self, req: RoutingRequest, tried: set[str]) -> Decision | None:
-        workers = [w for w in self.fleet.eligible() if w.url not in tried]
-        home = None
-        if req.session_id is not None and self.affinity is not None:
-            url = self.affinity.pick(req.session_id, {w.url: w.running for w in workers},
-                                     {w.url for w in workers}, self.affinity_load_factor)
-            home = self.fleet.workers.get(url) if url is not None else None
-        decision = self.policy.choose(req, workers, home)
-        if decision is not None and req.session_id is not None:
-            previous = self._session_homes.get(req.session_id)
-            if previous is not None and previous != decision.worker.url:
-                self.metrics.affinity_moves.inc()
-            elif previous is not None:
-                self.metrics.affinity_hits.inc()
-            self._session_homes[req.session_id] = decision.worker.url
-        return decision
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str],
                       req: RoutingRequest, stream: bool,
@@ -61,13 +42,14 @@ class Proxy:
         tried: set[str] = set()
         last_error = "no eligible worker"
         for attempt in range(self.max_attempts):
-            decision = self._decide(req, tried)
-            if decision is None:
+            workers = [w for w in self.fleet.eligible() if w.url not in tried]
+            routed = self.dispatcher.decide(req, workers, retry=attempt > 0)
+            if routed is None:
                 break
+            decision = routed.decision
             worker = decision.worker
             tried.add(worker.url)
-            self.metrics.decision(decision.reason if attempt == 0 else "retry")
-            self.metrics.predicted_cached_tokens.inc(decision.predicted_cached_tokens)
+            self.metrics.routed(routed)
             ticket = LoadTicket(worker, req.num_prompt_tokens - decision.predicted_cached_tokens,
                                 req.max_tokens)
             if on_dispatch is not None:
@@ -96,6 +78,8 @@ class Proxy:
             resp = await self.http.post(f"{worker.url}{path}", data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             raise _Retry("connect", repr(err)) from err
+        if (cached := resp.headers.get(CACHED_TOKENS_HEADER, "")).isdigit():
+            self.metrics.actual_cached_tokens.inc(int(cached))
         if resp.status in _RETRYABLE_STATUS:
             text = await resp.text()
             resp.release()
@@ -147,7 +131,9 @@ class _Retry(Exception):
 
 
 def routing_request(payload: dict[str, Any], count_tokens: Any, session_id: str | None,
-                    cached_tiers: dict[str, list[str]] | None = None) -> RoutingRequest:
+                    cached_tiers: dict[str, list[str]] | None = None,
+                    block_hashes: list[str] | None = None, block_size: int = 16
+                    ) -> RoutingRequest:
     """What routing needs from an OpenAI body: prompt tokens (counted or estimated) and the
     decode budget."""
     max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens") or 256
@@ -155,7 +141,7 @@ def routing_request(payload: dict[str, Any], count_tokens: Any, session_id: str 
     if not isinstance(max_tokens, int) or not isinstance(n, int):
         max_tokens, n = 256, 1
     return RoutingRequest(count_tokens(payload), max_tokens * max(n, 1), session_id,
-                          cached_tiers or {})
+                          cached_tiers or {}, tuple(block_hashes or ()), block_size)
 
 
 def estimate_tokens(payload: dict[str, Any]) -> int:

@@ -24,7 +24,7 @@ from ember.server.sampling import (
 from ember.server.state import ServerState
 from ember.server.streaming import event_stream, first_outputs, merged, sse, until_disconnect
 from ember.server.tool_calls import ToolCallParser
-from ember.server.usage import usage_of
+from ember.server.usage import cached_tokens_header, usage_of
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +101,14 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     (first,) = await until_disconnect(request, first_outputs([stream]))
     view = _ChatView(req, state, request_id, has_tools, tool_choice)
     if req.stream:
-        return event_stream(view.events(merged([stream], [first])))
+        return event_stream(view.events(merged([stream], [first])), cached_tokens_header([first]))
     final = first
     async def collect() -> None:
         nonlocal final
         async for _, out in merged([stream], [first]):
             final = out
     await until_disconnect(request, collect())
-    return JSONResponse(view.response(final))
+    return JSONResponse(view.response(final), headers=cached_tokens_header([first]))
 
 
 class _ChatView:

@@ -22,7 +22,7 @@ from ember.server.sampling import (
 )
 from ember.server.state import ServerState
 from ember.server.streaming import event_stream, first_outputs, merged, sse, until_disconnect
-from ember.server.usage import usage_of
+from ember.server.usage import cached_tokens_header, usage_of
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -64,13 +64,14 @@ async def create_completion(req: CompletionRequest, request: Request,
     firsts = await until_disconnect(request, first_outputs(streams))
     view = _CompletionView(req, state, request_id)
     if req.stream:
-        return event_stream(view.events(merged(streams, firsts)))
+        return event_stream(view.events(merged(streams, firsts)), cached_tokens_header(firsts))
     finals: list[RequestOutput | None] = list(firsts)
     async def collect() -> None:
         async for i, out in merged(streams, firsts):
             finals[i] = out
     await until_disconnect(request, collect())
-    return JSONResponse(view.response([f for f in finals if f is not None]))
+    return JSONResponse(view.response([f for f in finals if f is not None]),
+                        headers=cached_tokens_header(firsts))
 
 
 class _CompletionView:

@@ -88,7 +88,8 @@ async def merged(streams: list[AsyncIterator[RequestOutput]],
                 await stream.aclose()
 
 
-def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+def event_stream(events: AsyncIterator[str],
+                 headers: dict[str, str] | None = None) -> StreamingResponse:
     """An SSE response; an error after the first byte becomes an error event, then [DONE]."""
 
     async def body() -> AsyncIterator[str]:
@@ -101,4 +102,5 @@ def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
             yield error_sse(APIError(500, f"the request failed: {err}"))
         yield SSE_DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **(headers or {})})

@@ -14,3 +14,11 @@ def usage_of(outs: list[RequestOutput]) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+CACHED_TOKENS_HEADER = "x-ember-cached-tokens"  # read by `ember router` (predicted vs actual)
+
+
+def cached_tokens_header(outs: list[RequestOutput | None]) -> dict[str, str]:
+    """Known from the first output on, so a stream can carry it in its headers."""
+    return {CACHED_TOKENS_HEADER: str(sum(o.num_cached_tokens for o in outs if o is not None))}

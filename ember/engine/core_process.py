@@ -326,9 +326,11 @@ class CoreLoop:
     def stats(self) -> EngineCoreStats:
         sched = self.engine.scheduler
         pool = sched.kv.pool
+        prefill, decode = sched.pending_tokens()
         return EngineCoreStats(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_requests=len(sched.requests), num_blocks=pool.num_blocks,
             num_free_blocks=pool.num_free_blocks, kv_usage=sched.kv.usage,
             num_preemptions=sched.num_preemptions, num_steps=self.num_steps,
-            num_generated_tokens=self.num_generated_tokens)
+            num_generated_tokens=self.num_generated_tokens,
+            num_pending_prefill_tokens=prefill, num_pending_decode_tokens=decode)

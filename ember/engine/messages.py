@@ -140,6 +140,8 @@ class EngineCoreStats:
     num_preemptions: int = 0  # since start-up
     num_steps: int = 0  # non-empty steps since start-up
     num_generated_tokens: int = 0  # since start-up
+    num_pending_prefill_tokens: int = 0  # prompt tokens not yet computed
+    num_pending_decode_tokens: int = 0  # tokens still to generate, at most
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -123,6 +123,22 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
 
+    def pending_tokens(self) -> tuple[int, int]:
+        """(prompt tokens not yet computed, tokens still to generate at most) over unfinished
+        sequences, children to be forked included: the load a router corrects its count by."""
+        prefill = decode = 0
+        for request in self.requests.values():
+            for seq in request.sequences:
+                if seq.is_finished:
+                    continue
+                if seq.status is not SequenceStatus.PENDING_FORK:  # forks share the prompt
+                    prefill += max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
+                limit = request.max_total_tokens - seq.num_prompt_tokens
+                if request.params.max_tokens is not None:
+                    limit = min(limit, request.params.max_tokens)
+                decode += max(limit - seq.num_output_tokens, 0)
+        return prefill, decode
+
     def schedule(self) -> SchedulerOutput:
         self.kv.poll_tiers()
         budget = self.config.max_num_batched_tokens

@@ -28,6 +28,23 @@ class Worker:
     running: int = 0  # requests in flight
     decode_tokens: int = 0  # max_tokens still to come, over requests in flight
     model_ids: list[str] = field(default_factory=list)
+    # load the router did not send (other routers, direct clients), from the worker's /load:
+    # what it reported minus what this router had counted on it at that moment
+    external_prefill_tokens: int = 0
+    external_decode_tokens: int = 0
+
+    @property
+    def load_prefill_tokens(self) -> int:
+        return self.prefill_tokens + self.external_prefill_tokens
+
+    @property
+    def load_decode_tokens(self) -> int:
+        return self.decode_tokens + self.external_decode_tokens
+
+    def correct_load(self, report: dict[str, Any]) -> None:
+        self.external_prefill_tokens = max(int(report["prefill_tokens"]) - self.prefill_tokens,
+                                           0)
+        self.external_decode_tokens = max(int(report["decode_tokens"]) - self.decode_tokens, 0)
 
     @property
     def is_eligible(self) -> bool:
@@ -38,7 +55,9 @@ class Worker:
         return {"url": self.url, "healthy": self.is_healthy, "draining": self.is_draining,
                 "breaker_open": time.monotonic() < self.breaker_open_until,
                 "prefill_tokens": self.prefill_tokens, "running": self.running,
-                "decode_tokens": self.decode_tokens, "models": self.model_ids}
+                "decode_tokens": self.decode_tokens,
+                "external_prefill_tokens": self.external_prefill_tokens,
+                "external_decode_tokens": self.external_decode_tokens, "models": self.model_ids}
 
 
 class LoadTicket:
@@ -104,7 +123,8 @@ class Fleet:
                 "decode_tokens": sum(w.decode_tokens for w in self.workers.values())}
 
     async def check_health(self, http: Any) -> None:
-        """One round of active checks: GET /health and /v1/models on every worker."""
+        """One round of active checks: GET /health (and /v1/models once) on every worker, and
+        GET /load where a worker has it."""
         await asyncio.gather(*(self._check(http, w) for w in list(self.workers.values())))
 
     async def _check(self, http: Any, worker: Worker) -> None:
@@ -125,6 +145,23 @@ class Fleet:
         worker.is_healthy = healthy
         if healthy:
             worker.consecutive_failures = 0
+            await self._read_load(http, worker)
+
+    @staticmethod
+    async def _read_load(http: Any, worker: Worker) -> None:
+        """A slow or missing /load (a busy engine, another server) is not a health failure:
+        the router's own count is all there is until the next report."""
+        import aiohttp
+
+        try:
+            async with http.get(f"{worker.url}/load",
+                                timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                if resp.status == 200:
+                    worker.correct_load(await resp.json())
+                    return
+        except (TimeoutError, aiohttp.ClientError, KeyError, ValueError, TypeError):
+            pass
+        worker.external_prefill_tokens = worker.external_decode_tokens = 0
 
     async def run_health_checks(self, http: Any, interval_s: float) -> None:
         while True:

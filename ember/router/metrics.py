@@ -23,6 +23,12 @@ class _FleetCollector(Collector):
              "prefill_tokens"),
             ("ember_router:worker_running_requests", "Requests in flight.", "running"),
             ("ember_router:worker_decode_tokens", "Tokens still to generate.", "decode_tokens"),
+            ("ember_router:worker_external_prefill_tokens",
+             "Prompt tokens in flight that this router did not send (worker-reported).",
+             "external_prefill_tokens"),
+            ("ember_router:worker_external_decode_tokens",
+             "Decode tokens to come that this router did not send (worker-reported).",
+             "external_decode_tokens"),
             ("ember_router:worker_healthy", "1 when the worker takes requests.", "is_eligible"),
         ):
             family = GaugeMetricFamily(name, doc, labels=["worker"])

@@ -5,6 +5,8 @@ cost(w) = prefill tokens w would compute for this request (prompt minus tier-wei
           prefix) + prefill tokens already in flight on w + decode_weight x decode tokens
           still to come on w.
 
+In-flight tokens are the router's own count, corrected by what the worker reports (fleet.py).
+
 Lowest cost wins, ties broken at random. `home` is the session's worker under affinity (see
 routing.py); ember's policy sends the request there, the baselines (baselines.py) ignore it.
 """
@@ -67,7 +69,8 @@ class CostPolicy:
 
     def cost(self, req: RoutingRequest, worker: Worker) -> float:
         new_prefill = req.num_prompt_tokens - req.cached_tokens(worker.url)
-        return new_prefill + worker.prefill_tokens + self.decode_weight * worker.decode_tokens
+        return (new_prefill + worker.load_prefill_tokens
+                + self.decode_weight * worker.load_decode_tokens)
 
     def choose(self, req: RoutingRequest, workers: list[Worker],
                home: Worker | None = None) -> Decision | None:

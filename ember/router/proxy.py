@@ -78,8 +78,10 @@ class Proxy:
             resp = await self.http.post(f"{worker.url}{path}", data=body, headers=headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             raise _Retry("connect", repr(err)) from err
+        relayed = {WORKER_HEADER: worker.url}
         if (cached := resp.headers.get(CACHED_TOKENS_HEADER, "")).isdigit():
             self.metrics.actual_cached_tokens.inc(int(cached))
+            relayed[CACHED_TOKENS_HEADER] = cached
         if resp.status in _RETRYABLE_STATUS:
             text = await resp.text()
             resp.release()
@@ -92,7 +94,7 @@ class Proxy:
             finally:
                 resp.release()
             ticket.release()
-            return Response(data, status_code=resp.status, headers={WORKER_HEADER: worker.url},
+            return Response(data, status_code=resp.status, headers=relayed,
                             media_type=resp.headers.get("content-type", "application/json"))
         try:
             first = await resp.content.readany()
@@ -105,7 +107,7 @@ class Proxy:
         ticket.first_byte()
         return StreamingResponse(self._relay(worker, ticket, resp, first),
                                  media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, WORKER_HEADER: worker.url})
+                                 headers={**SSE_HEADERS, **relayed})
 
     async def _relay(self, worker: Worker, ticket: LoadTicket, resp: aiohttp.ClientResponse,
                      first: bytes) -> AsyncIterator[bytes]:

@@ -90,6 +90,15 @@ def build_app(state: ServerState, engine_config: EngineConfig, *,
         state.check_serving()
         return await state.client.get_kv_snapshot()
 
+    @app.get("/load")
+    async def load() -> dict[str, Any]:
+        """What this worker is doing now, in tokens (routers correct their own count by it)."""
+        state.check_serving()
+        stats = await asyncio.wait_for(state.client.get_stats(), timeout=5.0)
+        return {"running": stats.num_running, "waiting": stats.num_waiting,
+                "prefill_tokens": stats.num_pending_prefill_tokens,
+                "decode_tokens": stats.num_pending_decode_tokens, "kv_usage": stats.kv_usage}
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = None

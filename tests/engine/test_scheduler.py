@@ -218,3 +218,20 @@ def test_prompt_too_long_is_refused_with_clear_error():
         assert "max_model_len" in str(err)
     else:
         raise AssertionError("a prompt filling the whole context was accepted")
+
+
+def test_pending_tokens_count_uncomputed_prompts_and_decodes_still_to_come():
+    scheduler = make_scheduler(num_blocks=32, block_size=4, budget=16)
+    scheduler.add_request(make_request("a", 30, n=2, max_tokens=5))
+    scheduler.add_request(make_request("b", 6, max_tokens=3))
+    assert scheduler.pending_tokens() == (36, 2 * 5 + 3)  # the fork shares a's prompt
+    sched = scheduler.schedule()  # 16 of a's 30 prompt tokens
+    scheduler.update(sched, fake_run(sched, random.Random(0)))
+    assert scheduler.pending_tokens() == (20, 13)
+    rng = random.Random(0)
+    while scheduler.has_unfinished:
+        sched = scheduler.schedule()
+        scheduler.update(sched, fake_run(sched, rng))
+        prefill, decode = scheduler.pending_tokens()
+        assert prefill >= 0 and decode >= 0
+    assert scheduler.pending_tokens() == (0, 0)

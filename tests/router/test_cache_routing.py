@@ -39,9 +39,18 @@ def test_requests_follow_the_cached_prefix(model_dir):
                     resp = _chat(router.url, follow_up)
                     assert resp.status_code == 200
                     assert resp.headers["x-ember-worker"] == url, topic
+                    cached = resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    assert cached > 0
+                    assert resp.headers["x-ember-cached-tokens"] == str(cached)
             metrics = httpx.get(f"{router.url}/metrics", timeout=10).text
-            line = next(x for x in metrics.splitlines()
-                        if x.startswith('ember_router:decisions_total{reason="cache"}'))
-            assert float(line.rsplit(" ", 1)[1]) >= 6
+            assert _value(metrics, 'ember_router:decisions_total{reason="cache"}') >= 6
+            predicted = _value(metrics, "ember_router:predicted_cached_tokens_total")
+            actual = _value(metrics, "ember_router:actual_cached_tokens_total")
+            assert actual > 0 and 0.8 * actual <= predicted <= actual  # whole blocks only
         finally:
             router.stop()
+
+
+def _value(metrics: str, name: str) -> float:
+    line = next(x for x in metrics.splitlines() if x.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])

@@ -189,3 +189,20 @@ def test_failures_before_the_first_byte_are_retried_elsewhere(fleet, mode):
     finally:
         httpx.request("DELETE", f"{router.url}/workers", params={"url": broken.url},
                       timeout=10)
+
+
+def test_load_the_router_did_not_send_is_counted(fleet):
+    router, a, b = fleet
+    body = {**CHAT, "stream": True, "max_tokens": 900, "ignore_eos": True}
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()  # held: a dropped iterator closes the stream
+        next(lines)  # a client that bypasses the router keeps `a` busy
+        deadline = time.monotonic() + 10
+        while not (external := {w["url"]: w["external_decode_tokens"]
+                                for w in router.workers()})[a.url]:
+            assert time.monotonic() < deadline, external
+            time.sleep(0.1)
+        assert external[b.url] == 0
+        served = {_chat(router).headers["x-ember-worker"] for _ in range(4)}
+        assert served == {b.url}  # the cost function sees a's decode load
+    _assert_idle(router)

@@ -76,11 +76,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
+    from ember.router.fleet_file import apply_fleet_file
     from ember.router.launch import run_router
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig)
               if f.name != "workers" and getattr(args, f.name, None) is not None}
-    return run_router(RouterConfig(workers=tuple(args.worker or ()), **values))
+    config = RouterConfig(workers=tuple(args.worker or ()), **values)
+    return run_router(apply_fleet_file(config, values))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

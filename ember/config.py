@@ -198,6 +198,10 @@ class RouterConfig:
     workers: tuple[str, ...] = field(
         default=(), metadata={"help": "Worker base URL, e.g. http://127.0.0.1:8001 (repeat)."}
     )
+    config: str | None = field(
+        default=None, metadata={"help": "A fleet YAML file (`workers:` list and router options); "
+                                        "re-read when it changes."}
+    )
     model: str | None = field(
         default=None, metadata={"help": "The workers' model directory: its tokenizer gives "
                                         "exact prompt tokens and cache-aware routing."}

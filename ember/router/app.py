@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ from ember.router.proxy import Proxy, estimate_tokens, routing_request
 from ember.router.routing import Dispatcher, make_policy
 from ember.server.errors import APIError, install_error_handlers
 from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+
+logger = logging.getLogger(__name__)
 
 _FORWARDED = ("content-type", "x-session-affinity", "x-request-id")
 
@@ -45,6 +48,26 @@ async def _follow_caches(cache: Any, fleet: Fleet, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def _follow_fleet_file(watcher: Any, fleet: Fleet, dispatcher: Dispatcher, http: Any,
+                             interval_s: float) -> None:
+    """Workers the file adds join; workers it drops leave (their running streams finish);
+    reloadable weights take effect."""
+    while True:
+        await asyncio.sleep(interval_s)
+        change = watcher.poll()
+        if change is None:
+            continue
+        previous, new = change
+        for url in set(previous.workers) - set(new.workers):
+            fleet.remove(url)
+            dispatcher.remove_worker(url)
+        for url in new.workers:
+            dispatcher.add_worker(fleet.add(url).url)
+        dispatcher.reconfigure(new.options)
+        await fleet.check_health(http)
+        logger.info("fleet file reloaded: %d worker(s)", len(fleet.workers))
+
+
 def build_router_app(config: RouterConfig,
                      count_tokens: Callable[[dict[str, Any]], int] = estimate_tokens) -> Any:
     cache = _cache_view(config)
@@ -65,6 +88,12 @@ def build_router_app(config: RouterConfig,
             state["proxy"] = Proxy(fleet, dispatcher, metrics, http, config.max_attempts)
             await fleet.check_health(http)
             tasks = [asyncio.create_task(fleet.run_health_checks(http, config.health_interval_s))]
+            if config.config is not None:
+                from ember.router.fleet_file import FleetFileWatcher
+
+                tasks.append(asyncio.create_task(_follow_fleet_file(
+                    FleetFileWatcher(config.config), fleet, dispatcher, http,
+                    config.health_interval_s)))
             if cache is not None:
                 await cache.sync(fleet)
                 tasks.append(asyncio.create_task(

@@ -52,6 +52,13 @@ class Dispatcher:
     def remove_worker(self, url: str) -> None:
         self.ring.remove(url)
 
+    def reconfigure(self, options: dict[str, float]) -> None:
+        """Routing weights that change at run time (from a reloaded fleet file)."""
+        if "affinity_load_factor" in options:
+            self.affinity_load_factor = float(options["affinity_load_factor"])
+        if "decode_weight" in options and hasattr(self.policy, "decode_weight"):
+            self.policy.decode_weight = float(options["decode_weight"])
+
     def decide(self, req: RoutingRequest, workers: list[Worker],
                retry: bool = False) -> Routed | None:
         decision = self.policy.choose(req, workers, self._home(req, workers))

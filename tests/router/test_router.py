@@ -206,3 +206,31 @@ def test_load_the_router_did_not_send_is_counted(fleet):
         served = {_chat(router).headers["x-ember-worker"] for _ in range(4)}
         assert served == {b.url}  # the cost function sees a's decode load
     _assert_idle(router)
+
+
+def test_a_draining_worker_finishes_its_streams_and_gets_no_new_requests(model_dir):
+    import signal
+
+    with running_server(model_dir) as a:
+        b = ServerProcess(model_dir)
+        b.wait_ready()
+        router = RouterProcess(a.url, b.url)
+        try:
+            body = {**CHAT, "stream": True, "max_tokens": 600, "ignore_eos": True}
+            headers = {"x-session-affinity": _session_on(router, b.url)}
+            with httpx.stream("POST", f"{router.url}/v1/chat/completions", json=body,
+                              headers=headers, timeout=60) as resp:
+                assert resp.headers["x-ember-worker"] == b.url
+                lines = resp.iter_lines()
+                next(lines)
+                b.proc.send_signal(signal.SIGTERM)  # b drains: /health and new requests 503
+                during = [_chat(router, headers) for _ in range(4)]
+                rest = [line for line in lines if line.startswith("data: ")]
+            assert rest[-1] == "data: [DONE]" and not any('"error"' in x for x in rest)
+            assert all(r.status_code == 200 for r in during)
+            assert {r.headers["x-ember-worker"] for r in during} == {a.url}
+            assert b.proc.wait(timeout=30) == 0
+            _assert_idle(router)
+        finally:
+            router.stop()
+            b.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ember.bench.fleet_sim.cli import add_fleet_sim_parser
 from ember.bench.models import MODEL_SIZES, build_bench_model
+from ember.bench.router_fleet import add_router_fleet_parser
 from ember.bench.router_overhead import add_router_overhead_parser
 from ember.bench.serve.cli import add_load_args, add_serve_parser, load_config
 
@@ -123,6 +124,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     _add_http_overhead_parser(sub)
     _add_prefix_cache_parser(sub)
     add_router_overhead_parser(sub)
+    add_router_fleet_parser(sub)
     add_fleet_sim_parser(sub)
     return bench
 

@@ -68,7 +68,7 @@ def _load_config(cfg: PrefixCacheBenchConfig, url: str) -> ServeBenchConfig:
         seed=cfg.seed)
 
 
-async def _run_sessions(load: ServeBenchConfig, tokenizer: Any) -> tuple[list, list, float]:
+async def run_sessions(load: ServeBenchConfig, tokenizer: Any) -> tuple[list, list, float]:
     sessions = sessions_dataset(load, TextBuilder(tokenizer))
     async with open_http(load, len(sessions)) as http:
         gen = LoadGenerator(load, SERVED_NAME, http)
@@ -94,7 +94,7 @@ def ideal_cached_tokens(prompts: list[list[int]]) -> list[int]:
     return ideal
 
 
-def _prompt_tokens(tokenizer: Any, sessions: list[Session], results: list) -> list[list[int]]:
+def prompt_tokens_sent(tokenizer: Any, sessions: list[Session], results: list) -> list[list[int]]:
     by_id = {s.session_id: s for s in sessions}
     prompts = []
     for r in results:
@@ -114,10 +114,10 @@ def _run_mode(cfg: PrefixCacheBenchConfig, mode: str, tokenizer: Any) -> dict[st
         with running_server(ServerLaunch(f"ember-{mode}", argv), Path(tmp) / "server.log") \
                 as server:
             load = _load_config(cfg, server.url)
-            sessions, results, duration_s = asyncio.run(_run_sessions(load, tokenizer))
+            sessions, results, duration_s = asyncio.run(run_sessions(load, tokenizer))
     summary = summarize(results, duration_s, {})
     ok = sorted((r for r in results if r.success), key=lambda r: r.start_s)
-    ideal = ideal_cached_tokens(_prompt_tokens(tokenizer, sessions, ok))
+    ideal = ideal_cached_tokens(prompt_tokens_sent(tokenizer, sessions, ok))
     prompt = sum(r.prompt_tokens or 0 for r in ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
     return {"mode": mode, "num_requests": len(results), "num_errors": len(results) - len(ok),

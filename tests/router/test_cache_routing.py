@@ -54,3 +54,23 @@ def test_requests_follow_the_cached_prefix(model_dir):
 def _value(metrics: str, name: str) -> float:
     line = next(x for x in metrics.splitlines() if x.startswith(name + " "))
     return float(line.rsplit(" ", 1)[1])
+
+
+def test_without_events_follow_ups_go_where_the_router_sent_the_prefix(model_dir):
+    with running_server(model_dir) as a, running_server(model_dir) as b:  # no KV events
+        router = RouterProcess(a.url, b.url, flags=("--model", str(model_dir)))
+        try:
+            homes = {}
+            for topic in ("caches", "routers", "kernels", "tokens"):
+                resp = _chat(router.url, _conversation(topic))
+                assert resp.status_code == 200
+                homes[topic] = resp.headers["x-ember-worker"]
+            for topic, url in homes.items():
+                follow_up = _conversation(topic) + [
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": "and a follow-up"}]
+                resp = _chat(router.url, follow_up)
+                assert resp.headers["x-ember-worker"] == url, topic
+                assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        finally:
+            router.stop()

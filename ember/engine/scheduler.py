@@ -50,8 +50,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        request.max_total_tokens = self._max_total_tokens()
-        self._check_fits(request)
+        request.max_total_tokens = self.max_total_tokens()
+        self.check_fits(request)
         request.sequences = [
             Sequence(next(self._seq_ids), request, i, list(request.prompt_token_ids),
                      status=SequenceStatus.WAITING if i == 0 else SequenceStatus.PENDING_FORK)
@@ -60,14 +60,17 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request.leader)
 
-    def _max_total_tokens(self) -> int:
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def max_total_tokens(self) -> int:
         """A sequence never outgrows the context, the whole KV cache, or (unchunked) one step."""
         limit = min(self.max_model_len, self.kv.pool.num_blocks * self.kv.block_size)
         if not self.config.enable_chunked_prefill:
             limit = min(limit, self.config.max_num_batched_tokens)
         return limit
 
-    def _check_fits(self, request: Request) -> None:
+    def check_fits(self, request: Request) -> None:
         num_prompt = request.num_prompt_tokens
         if num_prompt == 0:
             raise ValueError("prompt is empty: at least one token is needed")
@@ -175,7 +178,7 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, chunks: list[ScheduledChunk],
                           copies: list[tuple[int, int]]) -> None:
         idx = 0  # sequences whose cached prefix is still being read from disk are passed over
-        num_reserved = self._num_reserved_seqs()
+        num_reserved = self.num_reserved_seqs()
         while idx < len(self.waiting) and budget > 0:
             seq = self.waiting[idx]
             num_seqs = 1 + self._num_pending_children(seq)
@@ -226,7 +229,7 @@ class Scheduler:
             return 0
         return min(remaining, budget)
 
-    def _num_reserved_seqs(self) -> int:
+    def num_reserved_seqs(self) -> int:
         """Running sequences plus the n > 1 children their leaders will fork at prompt end."""
         return len(self.running) + sum(self._num_pending_children(s) for s in self.running
                                        if s.index == 0 and s.num_output_tokens == 0)
@@ -294,7 +297,7 @@ class Scheduler:
                 sample_seq.token_ids.append(sampled.token_id)
                 update = SeqUpdate(sample_seq, [sampled.token_id], [sampled],
                                    prompt_lp if sample_seq is seq else None)
-                update.finished = self._check_stop(sample_seq, sampled)
+                update.finished = self.check_stop(sample_seq, sampled)
                 updates.append(update)
         return updates
 
@@ -306,7 +309,7 @@ class Scheduler:
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 
-    def _check_stop(self, seq: Sequence, sampled: SampledToken) -> bool:
+    def check_stop(self, seq: Sequence, sampled: SampledToken) -> bool:
         params = seq.request.params
         token_id = sampled.token_id
         if sampled.is_final or (seq.num_output_tokens >= params.min_tokens

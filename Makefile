@@ -2,8 +2,15 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Mooncake's wheel links against Debian's libibverbs even for TCP
+IBVERBS := libibverbs1 librdmacm1 ibverbs-providers
 
-.PHONY: serve test lint
+.PHONY: serve test lint sysdeps
+
+sysdeps:
+	@dpkg -s $(IBVERBS) >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(IBVERBS); } || \
+		echo "warning: could not install $(IBVERBS); the Mooncake KV transport needs them" >&2
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,10 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-serve: $(STAMP)
+serve: sysdeps $(STAMP)
 	$(VENV)/bin/ember serve $(ARGS)
 
-test: $(STAMP)
+test: sysdeps $(STAMP)
 	$(VENV)/bin/ruff check ember tests
 	$(VENV)/bin/pytest -q $(ARGS)
 

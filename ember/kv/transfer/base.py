@@ -1,0 +1,177 @@
+"""KVTransport: the one interface every KV-transfer backend implements, and `make_transport`.
+
+A transport registers this process's KV pool, describes it to peers (a JSON-able dict), and
+writes byte segments of its own pool into a peer's pool. It knows nothing of requests or blocks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ember.kv.transfer.deadline import DeadlineWatch
+from ember.kv.transfer.layout import Segments, as_segments
+
+DESCRIPTOR_VERSION = 1
+_BACKENDS = {"mooncake": "ember.kv.transfer.mooncake:MooncakeTransport",
+             "shm": "ember.kv.transfer.shm:ShmTransport"}
+
+
+class KVTransferError(RuntimeError):
+    """A transfer failed or timed out; the message names the peer."""
+
+
+class KVTransport(ABC):
+    """Contract:
+
+    * `register(pool)` once, before `descriptor()` or any write; the pool must stay alive and
+      contiguous until `close()`.
+    * `write(peer, segments)` copies pool[src:src+n] to peer_pool[dst:dst+n] for each
+      (src, dst, n) and returns when all landed, or raises KVTransferError naming the peer
+      within `timeout_s`. `write_async` returns a Future completing the same way (done or
+      KVTransferError within `timeout_s`); writes run one at a time, in submission order.
+    * NOTE: after a timeout the copy may still land until the backend gives up on its own
+      (Mooncake: its transfer timeout, set to `timeout_s`); a destination must not reuse
+      blocks of a failed write before then.
+    * `close()` is idempotent; it waits for the write in progress and drops queued ones.
+    """
+
+    name: ClassVar[str]
+    peer_fields: ClassVar[tuple[str, ...]] = ()  # descriptor fields a writer needs
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.pool: torch.Tensor | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-{self.name}")
+        self._deadlines = DeadlineWatch()
+        self._closed = False
+
+    def register(self, pool: torch.Tensor) -> None:
+        """Make `pool` (this process's whole KV pool) the source and target of transfers."""
+        if self.pool is not None:
+            raise KVTransferError(f"{self.name}: a pool is already registered")
+        if not pool.is_contiguous():
+            raise ValueError("the KV pool must be contiguous")
+        self._register(pool)
+        self.pool = pool
+
+    def descriptor(self) -> dict[str, Any]:
+        """What a peer needs to write into this process's pool (JSON-serialisable)."""
+        pool = self._require_pool()
+        return {"backend": self.name, "version": DESCRIPTOR_VERSION,
+                "nbytes": pool.numel() * pool.element_size(), "shape": list(pool.shape),
+                "dtype": str(pool.dtype).removeprefix("torch."),
+                "element_size": pool.element_size(), **self._endpoint()}
+
+    def write(self, peer: dict[str, Any], segments: Segments | list[tuple[int, int, int]]
+              ) -> None:
+        """Blocking write; raises KVTransferError naming the peer on failure or timeout."""
+        self.write_async(peer, segments).result()
+
+    def write_async(self, peer: dict[str, Any],
+                    segments: Segments | list[tuple[int, int, int]]) -> Future[None]:
+        """Queue a write on the transport's worker thread; the Future completes with None or
+        KVTransferError within `timeout_s`. Bad arguments raise here, before queueing."""
+        checked = self._check(peer, segments)
+        outer: Future[None] = Future()
+        inner = self._executor.submit(self._write, peer, checked)
+        inner.add_done_callback(lambda done: _relay(done, outer))
+        self._deadlines.watch(outer, self.timeout_s, KVTransferError(
+            f"{self.name}: write of {total_bytes(checked)} bytes to peer "
+            f"{self.peer_name(peer)} timed out after {self.timeout_s:g} s"))
+        return outer
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._deadlines.close()
+        self._close()
+
+    def __enter__(self) -> KVTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def peer_name(self, peer: dict[str, Any]) -> str:
+        """How errors name the peer."""
+
+    @abstractmethod
+    def _register(self, pool: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def _endpoint(self) -> dict[str, Any]:
+        """The backend's own descriptor fields (where and how to reach the pool)."""
+
+    @abstractmethod
+    def _write(self, peer: dict[str, Any], segments: Segments) -> None:
+        """Copy the segments; runs on the worker thread; raises KVTransferError."""
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    def _require_pool(self) -> torch.Tensor:
+        if self.pool is None:
+            raise KVTransferError(f"{self.name}: register() the local KV pool first")
+        return self.pool
+
+    def _check(self, peer: dict[str, Any], segments: Segments | list) -> Segments:
+        if self._closed:
+            raise KVTransferError(f"{self.name}: transport is closed")
+        pool = self._require_pool()
+        if not isinstance(peer, dict) or peer.get("backend") != self.name:
+            got = peer.get("backend") if isinstance(peer, dict) else type(peer).__name__
+            raise KVTransferError(f"{self.name}: peer descriptor is for backend {got!r}")
+        missing = [f for f in ("nbytes", *self.peer_fields) if f not in peer]
+        if missing:
+            raise KVTransferError(f"{self.name}: peer descriptor lacks field(s) {missing}")
+        checked = as_segments(segments)
+        _check_bounds(checked, pool.numel() * pool.element_size(), int(peer["nbytes"]),
+                      self.peer_name(peer))
+        return checked
+
+
+def _check_bounds(segments: Segments, local_bytes: int, peer_bytes: int, peer: str) -> None:
+    if segments.size == 0:
+        return
+    src, dst, nbytes = segments[:, 0], segments[:, 1], segments[:, 2]
+    if (nbytes <= 0).any() or (src < 0).any() or (dst < 0).any():
+        raise KVTransferError(f"segments to peer {peer}: negative offset or empty length")
+    if int((src + nbytes).max()) > local_bytes:
+        raise KVTransferError(f"segments to peer {peer} read past the local pool "
+                              f"({local_bytes} bytes)")
+    if int((dst + nbytes).max()) > peer_bytes:
+        raise KVTransferError(f"segments write past peer {peer}'s pool ({peer_bytes} bytes)")
+
+
+def _relay(done: Future, outer: Future) -> None:
+    error = done.exception()
+    try:
+        if error is None:
+            outer.set_result(None)
+        else:
+            outer.set_exception(error)
+    except InvalidStateError:  # the deadline already failed it
+        pass
+
+
+def make_transport(name: str, **options: Any) -> KVTransport:
+    """A transport by backend name ("mooncake" or "shm"), constructed with `options`."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown KV transport {name!r}; known: {sorted(_BACKENDS)}")
+    module, cls = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+def total_bytes(segments: Segments) -> int:
+    return int(np.asarray(segments)[:, 2].sum()) if len(segments) else 0

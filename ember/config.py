@@ -124,8 +124,47 @@ class DeviceConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
+ROLES = ("both", "prefill", "decode")
+KV_TRANSFER_BACKENDS = ("mooncake", "shm")
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    role: str = field(
+        default="both", metadata={"help": "both (prefill and decode here), prefill (compute "
+                                          "prompts, send their KV to decode workers) or decode "
+                                          "(take prompts' KV from prefill workers).",
+                                  "choices": ROLES}
+    )
+    kv_transfer_backend: str = field(
+        default="mooncake", metadata={"help": "How KV blocks move between workers: mooncake "
+                                              "(Mooncake Transfer Engine) or shm (same host).",
+                                      "choices": KV_TRANSFER_BACKENDS}
+    )
+    kv_transfer_protocol: str = field(
+        default="tcp", metadata={"help": "Mooncake protocol: tcp, or rdma in clusters."}
+    )
+    kv_transfer_host: str = field(
+        default="127.0.0.1", metadata={"help": "Address peers reach this worker's KV on."}
+    )
+    kv_reservation_ttl_s: float = field(
+        default=30.0, metadata={"help": "Decode role: seconds blocks reserved for a remote "
+                                        "prefill stay reserved before they are freed."}
+    )
+
+    def validate(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.kv_transfer_backend not in KV_TRANSFER_BACKENDS:
+            raise ValueError(f"kv_transfer_backend must be one of {KV_TRANSFER_BACKENDS}, "
+                             f"got {self.kv_transfer_backend!r}")
+        if self.kv_reservation_ttl_s <= 0:
+            raise ValueError(f"kv_reservation_ttl_s must be > 0, got "
+                             f"{self.kv_reservation_ttl_s}")
+
+
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "device": DeviceConfig}
+             "device": DeviceConfig, "disagg": DisaggConfig}
 
 
 @dataclass(frozen=True)
@@ -134,6 +173,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:
@@ -150,7 +190,7 @@ class EngineConfig:
         return config
 
     def validate(self) -> None:
-        for section in (self.model, self.cache, self.scheduler, self.device):
+        for section in (self.model, self.cache, self.scheduler, self.device, self.disagg):
             section.validate()
 
     def replace(self, **sections: Any) -> EngineConfig:

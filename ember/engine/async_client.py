@@ -176,6 +176,7 @@ class AsyncEngineClient:
         self._streams: dict[str, _OutputQueue] = {}
         self._stats_waiters: deque[asyncio.Future[EngineCoreStats]] = deque()
         self._snapshot_waiters: deque[asyncio.Future[dict[str, Any]]] = deque()
+        self._reserve_waiters: deque[asyncio.Future[dict[str, Any]]] = deque()
         self._dead: EngineDeadError | None = None
         self._closed = False
         self._loop = asyncio.get_running_loop()
@@ -249,7 +250,8 @@ class AsyncEngineClient:
     # ---- requests ------------------------------------------------------------------------
 
     def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                 request_id: str | None = None) -> RequestStream:
+                 request_id: str | None = None,
+                 kv_transfer: dict[str, Any] | None = None) -> RequestStream:
         """Submit a request now; iterate the result (`async for`) to stream its outputs.
 
         Raises ValueError at once for a bad prompt or a request_id in use; a request the core
@@ -264,7 +266,7 @@ class AsyncEngineClient:
             raise ValueError(f"request_id {request_id!r} is already in use")
         queue = _OutputQueue(params.n)
         self._send(ClientMsg.ADD, EngineCoreRequest(request_id, token_ids, params,
-                                                    time.monotonic()).to_wire())
+                                                    time.monotonic(), kv_transfer).to_wire())
         self._streams[request_id] = queue
         self._processor.add_request(request_id, text, token_ids, params)
         return RequestStream(self, request_id, queue)
@@ -289,6 +291,23 @@ class AsyncEngineClient:
         self._snapshot_waiters.append(waiter)
         self._send(ClientMsg.GET_KV_SNAPSHOT)
         return await waiter
+
+    async def reserve_kv(self, transfer_id: str, prompt_token_ids: list[int]) -> dict[str, Any]:
+        """Decode role: reserve blocks for a prompt a prefill worker will compute (see
+        ember.engine.remote_prefill); raises NoRoomError or ValueError naming the problem."""
+        from ember.engine.remote_prefill import NoRoomError
+
+        self._check_alive()
+        waiter: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._reserve_waiters.append(waiter)
+        self._send(ClientMsg.RESERVE_KV, [transfer_id, list(prompt_token_ids)])
+        reply = await waiter
+        if "error" in reply:
+            raise (NoRoomError if reply.get("no_room") else ValueError)(reply["error"])
+        return reply
+
+    def release_kv(self, transfer_id: str) -> None:
+        self._send(ClientMsg.RELEASE_KV, transfer_id)
 
     def _abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
@@ -337,6 +356,10 @@ class AsyncEngineClient:
                 waiter.set_result(EngineCoreStats.from_wire(payload))
         elif kind == CoreMsg.KV_SNAPSHOT:
             waiter = self._snapshot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(payload)
+        elif kind == CoreMsg.KV_RESERVED:
+            waiter = self._reserve_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(payload)
         elif kind == CoreMsg.FAILURE:
@@ -393,7 +416,7 @@ class AsyncEngineClient:
     def _fail_all(self, error: EngineDeadError) -> None:
         for request_id in list(self._streams):
             self._end_request(request_id, error)
-        for waiters in (self._stats_waiters, self._snapshot_waiters):
+        for waiters in (self._stats_waiters, self._snapshot_waiters, self._reserve_waiters):
             while waiters:
                 waiter = waiters.popleft()
                 if not waiter.done():

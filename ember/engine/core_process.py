@@ -34,6 +34,7 @@ from ember.engine.messages import (
     encode_msg,
     wire_dict,
 )
+from ember.engine.remote_prefill import NoRoomError
 
 if TYPE_CHECKING:
     from ember.engine.engine_core import EngineCore
@@ -274,6 +275,11 @@ class CoreLoop:
             elif kind == ClientMsg.GET_KV_SNAPSHOT:
                 self._flush()
                 self._send(CoreMsg.KV_SNAPSHOT, self.engine.kv_snapshot())
+            elif kind == ClientMsg.RESERVE_KV:
+                self._flush()
+                self._send(CoreMsg.KV_RESERVED, self._reserve(*payload))
+            elif kind == ClientMsg.RELEASE_KV:
+                self.engine.release_kv(payload)
             elif kind == ClientMsg.SHUTDOWN:
                 return False
             else:
@@ -290,11 +296,22 @@ class CoreLoop:
             self.pending.append(EngineCoreOutput(request_id, 0,
                                                  error=f"{type(exc).__name__}: {exc}"))
 
+    def _reserve(self, transfer_id: str, prompt_token_ids: list[int]) -> dict[str, Any]:
+        try:
+            return self.engine.reserve_kv(transfer_id, prompt_token_ids)
+        except NoRoomError as exc:
+            return {"error": str(exc), "no_room": True}
+        except ValueError as exc:
+            return {"error": str(exc), "no_room": False}
+
     def _step(self) -> bool:
         try:
             outputs = self.engine.step()
         except Exception as exc:
             return self._report_step_failure(exc)
+        for request_id, why in self.engine.take_failures():
+            self._flush()
+            self._send(CoreMsg.FAILURE, EngineCoreFailure(why, [request_id], False).to_wire())
         if outputs:
             self.num_steps += 1
             self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)

@@ -12,8 +12,10 @@ from typing import Any
 
 from ember.config import EngineConfig
 from ember.engine.constraint import SamplingConstraint
+from ember.engine.kv_sender import KVSender
 from ember.engine.messages import EngineCoreOutput, EngineCoreRequest
 from ember.engine.prompts import check_token_ids
+from ember.engine.remote_prefill import RemotePrefills
 from ember.engine.request import FinishReason, Request
 from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler, SeqUpdate
@@ -34,6 +36,14 @@ class EngineCore:
         self.constraint: SamplingConstraint = parts.constraint
         self.kv_events = (KVEventPublisher(config.cache.kv_events_endpoint, parts.kv_events)
                           if parts.kv_events is not None else None)
+        self.transport = parts.transport
+        role = config.disagg.role
+        self.remote_prefills = (RemotePrefills(self.scheduler, config.disagg.kv_reservation_ttl_s)
+                                if role == "decode" else None)
+        self.kv_sender = (KVSender(parts.transport, parts.kv_layout, self.scheduler.kv)
+                          if role == "prefill" else None)
+        self._early_outputs: list[EngineCoreOutput] = []  # adopted requests' first tokens
+        self._failures: list[tuple[str, str]] = []  # (request_id, why) failed mid-flight
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -42,8 +52,45 @@ class EngineCore:
         request = Request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time,
                           eos_token_ids=tuple(self.model_info.eos_token_ids))
         check_token_ids(req.prompt_token_ids, self.model_info.vocab_size)
+        transfer = req.kv_transfer or {}
+        if "transfer_id" in transfer:
+            self._adopt(request, transfer)
+            return
+        if transfer.get("do_remote_decode"):
+            if self.kv_sender is None:
+                raise ValueError(f"kv_transfer_params ask for a remote decode, but this worker's "
+                                 f"role is {self.config.disagg.role!r}, not 'prefill'")
+            request.kv_transfer = transfer
         self.constraint.admit(request)  # compiles a structured-output grammar (ValueError if bad)
         self.scheduler.add_request(request)
+
+    def _adopt(self, request: Request, transfer: dict[str, Any]) -> None:
+        if self.remote_prefills is None:
+            raise ValueError(f"kv_transfer_params name a reservation, but this worker's role is "
+                             f"{self.config.disagg.role!r}, not 'decode'")
+        if request.params.structured_output is not None:
+            raise ValueError("structured output cannot continue a remote prefill")
+        updates = self.remote_prefills.adopt(request, str(transfer["transfer_id"]),
+                                             [int(t) for t in transfer["first_token_ids"]])
+        self._early_outputs += [_to_output(u) for u in updates]
+
+    def reserve_kv(self, transfer_id: str, prompt_token_ids: list[int]) -> dict[str, Any]:
+        """Decode role: blocks for a prompt a prefill worker will fill (see remote_prefill)."""
+        if self.remote_prefills is None:
+            raise ValueError(f"this worker's role is {self.config.disagg.role!r}; only a "
+                             f"'decode' worker reserves KV for remote prefill")
+        check_token_ids(prompt_token_ids, self.model_info.vocab_size)
+        reply = self.remote_prefills.reserve(transfer_id, prompt_token_ids)
+        return {**reply, "peer": self.transport.descriptor()}
+
+    def release_kv(self, transfer_id: str) -> None:
+        if self.remote_prefills is not None:
+            self.remote_prefills.release(transfer_id)
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """Requests that failed mid-flight (a KV transfer), already aborted: (id, why)."""
+        failures, self._failures = self._failures, []
+        return failures
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -62,6 +109,8 @@ class EngineCore:
             self.runner.tiers.close()
         if self.kv_events is not None:
             self.kv_events.close()
+        if self.transport is not None:
+            self.transport.close()
 
     def kv_snapshot(self) -> dict[str, Any]:
         """Every block hash held, by tier, and the number of the last KV-event batch it
@@ -76,23 +125,34 @@ class EngineCore:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return (self.scheduler.has_unfinished or bool(self._early_outputs)
+                or bool(self.remote_prefills and self.remote_prefills.reservations))
 
     # ---- the loop ------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
+        outputs, self._early_outputs = self._early_outputs, []
+        if self.remote_prefills is not None:
+            self.remote_prefills.expire()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             self._idle()
-            return []
+            return outputs
         result = self.runner.execute(sched)
-        outputs = [_to_output(u) for u in self.scheduler.update(sched, result)]
+        if self.kv_sender is not None:  # before update: the prompts' blocks are still held
+            self._fail(self.kv_sender.send_computed_prompts(sched))
+        outputs += [_to_output(u) for u in self.scheduler.update(sched, result)]
         self._publish_kv_events()
         return outputs
 
+    def _fail(self, failures: list[tuple[str, str]]) -> None:
+        for request_id, _ in failures:
+            self.scheduler.abort_request(request_id)
+        self._failures += failures
+
     def _idle(self) -> None:
-        if self.scheduler.is_waiting_for_tiers:
-            time.sleep(0.0005)  # requests wait on disk reads: do not spin the core
+        if self.scheduler.is_waiting_for_tiers or not self.scheduler.has_unfinished:
+            time.sleep(0.0005)  # waiting on disk reads or reservations: do not spin the core
         self._publish_kv_events()  # disk-tier writes finish on their own thread
 
     def _publish_kv_events(self) -> None:

@@ -24,16 +24,22 @@ class EngineCoreRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    # Disaggregated serving (see ember.engine.remote_prefill / kv_sender): on a prefill worker
+    # {"do_remote_decode": True, "peer", "block_ids", "first_block"}, the decode worker's
+    # reserved blocks; on a decode worker {"transfer_id", "first_token_ids"} to adopt.
+    kv_transfer: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         params = {f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.params)}
         return {"request_id": self.request_id, "prompt_token_ids": self.prompt_token_ids,
-                "params": params, "arrival_time": self.arrival_time}
+                "params": params, "arrival_time": self.arrival_time,
+                "kv_transfer": self.kv_transfer}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> EngineCoreRequest:
         return cls(data["request_id"], list(data["prompt_token_ids"]),
-                   SamplingParams(**data["params"]), data["arrival_time"])
+                   SamplingParams(**data["params"]), data["arrival_time"],
+                   data.get("kv_transfer"))
 
 
 @dataclass
@@ -74,6 +80,8 @@ class ClientMsg:
     STOP = "stop"  # [[request_id, seq_index, stop_str], ...]: stop strings the front end found
     GET_STATS = "get_stats"  # None; answered by one CoreMsg.STATS, in order
     GET_KV_SNAPSHOT = "get_kv_snapshot"  # None; answered by one CoreMsg.KV_SNAPSHOT, in order
+    RESERVE_KV = "reserve_kv"  # [transfer_id, prompt_token_ids]; one CoreMsg.KV_RESERVED
+    RELEASE_KV = "release_kv"  # transfer_id
     SHUTDOWN = "shutdown"  # None
 
 
@@ -85,6 +93,7 @@ class CoreMsg:
     OUTPUTS = "outputs"  # [EngineCoreOutput.to_wire(), ...]: one step's outputs and refusals
     STATS = "stats"  # EngineCoreStats.to_wire()
     KV_SNAPSHOT = "kv_snapshot"  # EngineCore.kv_snapshot(): block hashes held, by tier
+    KV_RESERVED = "kv_reserved"  # EngineCore.reserve_kv()'s reply, or {"error", "no_room"}
     FAILURE = "failure"  # EngineCoreFailure.to_wire()
 
 

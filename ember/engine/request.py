@@ -79,6 +79,7 @@ class Request:
     sorted_stop_token_ids: list[int] = field(default_factory=list)  # masked under min_tokens
     constraint: object | None = None  # set by the SamplingConstraint (e.g. a compiled grammar)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    kv_transfer: dict | None = None  # prefill role: the decode worker's reserved blocks
 
     def __post_init__(self) -> None:
         ids = set(self.params.stop_token_ids)

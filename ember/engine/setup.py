@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -54,6 +55,8 @@ class EngineParts:
     runner: ModelRunner
     constraint: SamplingConstraint  # admits requests in the core, masks logits in the runner
     kv_events: KVEventRecorder | None = None  # fed by the block pool and the tiers
+    transport: Any = None  # disaggregated roles: moves KV blocks between workers
+    kv_layout: Any = None  # where a block's bytes lie in the KV pool (for the transport)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -86,6 +86,9 @@ class FakeEngine:
         for request_id in request_ids:
             self.scheduler.abort_request(request_id)
 
+    def take_failures(self) -> list[tuple[str, str]]:
+        return []
+
     def stop_sequence(self, request_id: str, seq_index: int, stop_reason: str | None) -> None:
         request = self.scheduler.requests.get(request_id)
         if request is not None and seq_index < len(request.sequences):

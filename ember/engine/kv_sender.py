@@ -1,0 +1,48 @@
+"""Prefill role of disaggregated serving: once a request's prompt is computed, its KV blocks
+are written into the blocks its decode worker reserved, before the step's results are applied
+(so no block is freed or reused under the transfer). A request whose transfer fails is
+reported failed; its decode worker never adopts the reservation."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.scheduler_output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class KVSender:
+    def __init__(self, transport: Any, layout: Any, kv: KVCacheManager) -> None:
+        self.transport = transport
+        self.layout = layout
+        self.kv = kv
+        self.num_blocks_sent = 0
+
+    def send_computed_prompts(self, sched: SchedulerOutput) -> list[tuple[str, str]]:
+        """Write the KV of every prompt this step finished that has a decode target; returns
+        (request_id, error) for the transfers that failed."""
+        failures = []
+        for chunk in sched.chunks:
+            seq = chunk.seq
+            target = seq.request.kv_transfer
+            if target is None or not chunk.sample_seqs or seq.index != 0 \
+                    or seq.num_output_tokens != 0:
+                continue
+            try:
+                self._send(seq.seq_id, target)
+            except Exception as err:  # the transport's error names the peer
+                logger.warning("KV transfer for %s failed: %s", seq.request.request_id, err)
+                failures.append((seq.request.request_id, f"KV transfer failed: {err}"))
+        return failures
+
+    def _send(self, seq_id: int, target: dict[str, Any]) -> None:
+        first, dst = int(target["first_block"]), [int(b) for b in target["block_ids"]]
+        src = self.kv.block_table(seq_id)[: len(dst)]
+        if len(src) != len(dst):
+            raise ValueError(f"the prompt has {len(src)} blocks here but {len(dst)} reserved")
+        if first < len(dst):
+            self.transport.write(target["peer"], self.layout.segments(src[first:], dst[first:]))
+            self.num_blocks_sent += len(dst) - first

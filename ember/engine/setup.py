@@ -155,8 +155,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise ValueError(f"KV cache budget of {budget} bytes holds no block "
                          f"({per_block} bytes each); raise kv_cache_memory")
     backend = make_backend(device, config, max_model_len)
-    kv_pool = allocate_kv_pool(info.num_layers, num_blocks, block_size, info.num_kv_heads,
-                               info.head_dim, info.dtype, device, backend)
+    kv_pool = _allocate_pool(config, info, num_blocks, device, backend)
     runtime = EngineRuntime(str(device), backend.name, num_blocks, block_size, max_model_len,
                             num_blocks * per_block)
     logger.info(
@@ -180,4 +179,40 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.model.preload_grammar:
         constraint.grammars.preload_in_background()
     runner = ModelRunner(model, backend, kv_pool, block_size, device, constraint, graphs, tiers)
-    return EngineParts(info, runtime, scheduler, runner, constraint, events)
+    transport, layout = make_kv_transport(config, kv_pool, backend)
+    return EngineParts(info, runtime, scheduler, runner, constraint, events, transport, layout)
+
+
+def _allocate_pool(config: EngineConfig, info: ModelInfo, num_blocks: int,
+                   device: torch.device, backend: AttentionBackend) -> torch.Tensor:
+    """The KV pool; in shared memory where same-host peers write KV into it (shm transport)."""
+    args = (info.num_layers, num_blocks, config.cache.block_size, info.num_kv_heads,
+            info.head_dim, info.dtype, device, backend)
+    if config.disagg.role == "both" or config.disagg.kv_transfer_backend != "shm":
+        return allocate_kv_pool(*args)
+    if device.type != "cpu":
+        raise ValueError("the shm KV transfer backend needs the KV cache in host memory; use "
+                         "--kv-transfer-backend mooncake on GPUs")
+    from ember.kv.transfer.shm import shared_kv_pool
+
+    shape = (info.num_layers, *backend.kv_cache_shape(num_blocks, config.cache.block_size,
+                                                      info.num_kv_heads, info.head_dim))
+    return shared_kv_pool(shape, info.dtype).tensor
+
+
+def make_kv_transport(config: EngineConfig, kv_pool: torch.Tensor,
+                      backend: AttentionBackend) -> tuple[Any, Any]:
+    """(transport, block layout) for the prefill and decode roles; (None, None) colocated."""
+    disagg = config.disagg
+    if disagg.role == "both":
+        return None, None
+    from ember.kv.transfer import BlockLayout, make_transport
+
+    if disagg.kv_transfer_backend == "mooncake":
+        transport = make_transport("mooncake", hostname=disagg.kv_transfer_host,
+                                   protocol=disagg.kv_transfer_protocol)
+    else:
+        transport = make_transport("shm")
+    transport.register(kv_pool)
+    logger.info("KV transfer: %s, role %s", disagg.kv_transfer_backend, disagg.role)
+    return transport, BlockLayout.from_pool(kv_pool, backend.block_dim + 1)

@@ -1,15 +1,12 @@
 """A prefill EngineCore and a decode EngineCore in one process: the decode core reserves, the
-prefill core computes the prompt and writes its KV blocks into the reservation, the decode
-core adopts it and decodes on. Greedy outputs match one colocated core exactly (fp32).
-
-The transport here is a double that copies whole blocks between the two pools in memory
-(the real transports are tested in tests/kv/transfer); everything else is the real engine.
+prefill core computes the prompt and writes its KV blocks into the reservation over the real
+shared-memory transport, the decode core adopts it and decodes on. Greedy outputs match one
+colocated core exactly (fp32).
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ember.config import EngineConfig
 from ember.engine.engine_core import EngineCore
@@ -18,48 +15,10 @@ from ember.engine.sampling_params import SamplingParams
 from tests.factories import tiny_model_dir
 
 
-class BlockCopyTransport:
-    """write(peer, [(src_block, dst_block), ...]) between pools registered by name."""
-
-    pools: dict[str, tuple[torch.Tensor, int]] = {}
-
-    def __init__(self, name: str, pool: torch.Tensor, block_axis: int) -> None:
-        self.name = name
-        self.pools[name] = (pool, block_axis)
-        self.fail_next = False
-
-    def descriptor(self) -> dict:
-        return {"name": self.name}
-
-    def write(self, peer: dict, segments: list[tuple[int, int]]) -> None:
-        if self.fail_next:
-            raise ConnectionError(f"peer {peer['name']} is gone")
-        (src, axis), (dst, _) = self.pools[self.name], self.pools[peer["name"]]
-        for s, d in segments:
-            dst.select(axis, d).copy_(src.select(axis, s))
-
-    def close(self) -> None:
-        pass
-
-
-class BlockPairs:
-    @staticmethod
-    def segments(src: list[int], dst: list[int]) -> list[tuple[int, int]]:
-        return list(zip(src, dst))
-
-
 def _core(model_dir, role: str) -> EngineCore:
-    config = EngineConfig.from_options(str(model_dir), dtype="float32", role=role,
-                                       kv_cache_memory=4 << 20, block_size=4)
-    core = EngineCore(config)
-    if role != "both":
-        runner = core.runner
-        axis = runner.backend.block_dim + 1
-        transport = BlockCopyTransport(role, runner.kv_pool, axis)
-        core.transport = transport
-        if core.kv_sender is not None:
-            core.kv_sender.transport, core.kv_sender.layout = transport, BlockPairs()
-    return core
+    return EngineCore(EngineConfig.from_options(
+        str(model_dir), dtype="float32", role=role, kv_transfer_backend="shm",
+        kv_cache_memory=4 << 20, block_size=4))
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +83,17 @@ def test_a_failed_transfer_fails_the_request_and_frees_both_sides(cores):
     _, prefill, decode = cores
     prompt = list(range(200, 230))
     reply = decode.reserve_kv("fail", prompt)
-    prefill.kv_sender.transport.fail_next = True
-    try:
-        prefill.add_request(EngineCoreRequest(
-            "fail", prompt, SamplingParams(max_tokens=1), 0.0,
-            {"do_remote_decode": True, "peer": reply["peer"], "block_ids": reply["block_ids"],
-             "first_block": reply["first_block"]}))
-        outputs = []
-        while prefill.has_unfinished:
-            outputs += prefill.step()
-    finally:
-        prefill.kv_sender.transport.fail_next = False
+    dead_peer = {**reply["peer"], "pid_started": -1.0}  # as if the decode worker had died
+    prefill.add_request(EngineCoreRequest(
+        "fail", prompt, SamplingParams(max_tokens=1), 0.0,
+        {"do_remote_decode": True, "peer": dead_peer, "block_ids": reply["block_ids"],
+         "first_block": reply["first_block"]}))
+    outputs = []
+    while prefill.has_unfinished:
+        outputs += prefill.step()
     assert outputs == []  # no token leaves a prefill whose KV did not arrive
     ((request_id, why),) = prefill.take_failures()
-    assert request_id == "fail" and "peer decode is gone" in why
+    assert request_id == "fail" and "KV transfer failed" in why and "not running" in why
     decode.release_kv("fail")
     for core in (prefill, decode):
         assert core.scheduler.kv.pool.num_free_blocks == core.scheduler.kv.pool.num_blocks

@@ -16,6 +16,7 @@ from ember.config import EngineConfig
 from ember.server.chat import create_chat_completion
 from ember.server.completions import create_completion
 from ember.server.errors import APIError, error_response, install_error_handlers
+from ember.server.kv_transfer import ReserveRequest, reserve
 from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 from ember.server.state import ServerState
@@ -90,12 +91,24 @@ def build_app(state: ServerState, engine_config: EngineConfig, *,
         state.check_serving()
         return await state.client.get_kv_snapshot()
 
+    @app.post("/kv_transfer/reserve")
+    async def kv_reserve(body: ReserveRequest) -> dict[str, Any]:
+        """Decode role: blocks for a request's prompt that a prefill worker will fill."""
+        return await reserve(body, state)
+
+    @app.delete("/kv_transfer/reserve/{transfer_id}")
+    async def kv_release(transfer_id: str) -> dict[str, Any]:
+        state.check_serving()
+        state.client.release_kv(transfer_id)
+        return {"transfer_id": transfer_id, "released": True}
+
     @app.get("/load")
     async def load() -> dict[str, Any]:
         """What this worker is doing now, in tokens (routers correct their own count by it)."""
         state.check_serving()
         stats = await asyncio.wait_for(state.client.get_stats(), timeout=5.0)
-        return {"running": stats.num_running, "waiting": stats.num_waiting,
+        return {"role": engine_config.disagg.role,
+                "running": stats.num_running, "waiting": stats.num_waiting,
                 "prefill_tokens": stats.num_pending_prefill_tokens,
                 "decode_tokens": stats.num_pending_decode_tokens, "kv_usage": stats.kv_usage}
 

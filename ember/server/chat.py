@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ember.engine.outputs import CompletionOutput, RequestOutput
 from ember.server.errors import APIError
+from ember.server.kv_transfer import engine_kv_transfer, prefill_result
 from ember.server.logprobs import chat_logprobs
 from ember.server.protocol import ChatCompletionRequest, NamedToolChoice
 from ember.server.sampling import (
@@ -46,7 +47,7 @@ def _template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def _render_prompt(req: ChatCompletionRequest, tokenizer: Any) -> tuple[str, list[int]]:
+def render_chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> tuple[str, list[int]]:
     tools = [t.model_dump(by_alias=True) for t in req.tools] if req.tools else None
     try:
         text = tokenizer.apply_chat_template(
@@ -87,7 +88,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
                                  state: ServerState) -> Response:
     state.check_model(req.model)
     state.admit()
-    text, ids = _render_prompt(req, state.tokenizer)
+    text, ids = render_chat_prompt(req, state.tokenizer)
     requested = req.max_completion_tokens or req.max_tokens
     max_tokens = resolve_max_tokens(requested, None, len(ids), state.max_model_len, "messages")
     has_tools, tool_choice = _tool_mode(req)
@@ -97,7 +98,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     if req.user:
         logger.info("%s is for user %r", request_id, req.user)
-    stream = state.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id)
+    kv_transfer = engine_kv_transfer(req.kv_transfer_params, stream=req.stream)
+    stream = state.generate({"prompt": text, "prompt_token_ids": ids}, params, request_id,
+                            kv_transfer)
     (first,) = await until_disconnect(request, first_outputs([stream]))
     view = _ChatView(req, state, request_id, has_tools, tool_choice)
     if req.stream:
@@ -108,7 +111,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
         async for _, out in merged([stream], [first]):
             final = out
     await until_disconnect(request, collect())
-    return JSONResponse(view.response(final), headers=cached_tokens_header([first]))
+    return JSONResponse({**view.response(final), **prefill_result(kv_transfer, [final])},
+                        headers=cached_tokens_header([first]))
 
 
 class _ChatView:

@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ember.engine.outputs import CompletionOutput, RequestOutput
+from ember.server.kv_transfer import engine_kv_transfer, prefill_result
 from ember.server.logprobs import completion_logprobs
 from ember.server.protocol import CompletionRequest
 from ember.server.sampling import (
@@ -30,7 +31,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 logger = logging.getLogger(__name__)
 
 
-def _prompts(req: CompletionRequest, tokenizer: Any) -> list[tuple[str | None, list[int]]]:
+def completion_prompts(req: CompletionRequest,
+                       tokenizer: Any) -> list[tuple[str | None, list[int]]]:
     prompt = req.prompt
     if isinstance(prompt, str):
         texts: list[Any] = [prompt]
@@ -45,7 +47,7 @@ async def create_completion(req: CompletionRequest, request: Request,
                             state: ServerState) -> Response:
     state.check_model(req.model)
     state.admit()
-    prompts = _prompts(req, state.tokenizer)
+    prompts = completion_prompts(req, state.tokenizer)
     structured = structured_output_for(req.response_format)
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = []
@@ -58,8 +60,10 @@ async def create_completion(req: CompletionRequest, request: Request,
     request_id = f"cmpl-{uuid.uuid4().hex}"
     if req.user:
         logger.info("%s is for user %r", request_id, req.user)
+    kv_transfer = engine_kv_transfer(req.kv_transfer_params, stream=req.stream,
+                                     num_prompts=len(prompts))
     streams = [state.generate({"prompt": text, "prompt_token_ids": ids} if text is not None
-                              else ids, p, f"{request_id}-{i}")
+                              else ids, p, f"{request_id}-{i}", kv_transfer)
                for i, ((text, ids), p) in enumerate(zip(prompts, params))]
     firsts = await until_disconnect(request, first_outputs(streams))
     view = _CompletionView(req, state, request_id)
@@ -70,7 +74,8 @@ async def create_completion(req: CompletionRequest, request: Request,
         async for i, out in merged(streams, firsts):
             finals[i] = out
     await until_disconnect(request, collect())
-    return JSONResponse(view.response([f for f in finals if f is not None]),
+    done = [f for f in finals if f is not None]
+    return JSONResponse({**view.response(done), **prefill_result(kv_transfer, done)},
                         headers=cached_tokens_header(firsts))
 
 

@@ -64,6 +64,8 @@ class SamplingFields(Strict):
     stop_token_ids: list[NonNegInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # disaggregated prefill/decode (ember.server.kv_transfer), vLLM's field name
+    kv_transfer_params: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.config import ServerConfig
+from ember.engine.core_process import EngineCoreError
 from ember.engine.outputs import RequestOutput
 from ember.engine.prompts import PromptType
 from ember.engine.sampling_params import SamplingParams
@@ -59,14 +60,16 @@ class ServerState:
             raise APIError(503, "the engine is not running", headers={"Retry-After": "5"})
 
     def generate(self, prompt: PromptType, params: SamplingParams,
-                 request_id: str | None = None) -> TrackedStream:
+                 request_id: str | None = None,
+                 kv_transfer: dict[str, Any] | None = None) -> TrackedStream:
         """Submit a request now and stream its outputs, recording its metrics.
 
         The request counts as queued from this call until its first output. The caller must
         close the stream (`aclose`): that aborts an unfinished request at once.
         """
         try:
-            stream = self.client.generate(prompt, params, request_id or uuid.uuid4().hex)
+            stream = self.client.generate(prompt, params, request_id or uuid.uuid4().hex,
+                                          kv_transfer)
         except ValueError as err:
             raise APIError(400, str(err)) from err
         return TrackedStream(self, stream)
@@ -93,6 +96,9 @@ class TrackedStream:
         except ValueError as err:  # the core refused the request (bad input)
             self._release()
             raise APIError(400, str(err)) from err
+        except EngineCoreError as err:  # it failed in flight (e.g. its KV transfer)
+            self._release()
+            raise APIError(500, str(err)) from err
         except BaseException:
             self._release()
             raise

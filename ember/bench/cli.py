@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ember.bench.fleet_sim.cli import add_fleet_sim_parser
+from ember.bench.kv_transfer import add_kv_transfer_parser
 from ember.bench.models import MODEL_SIZES, build_bench_model
 from ember.bench.router_fleet import add_router_fleet_parser
 from ember.bench.router_overhead import add_router_overhead_parser
@@ -126,6 +127,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_router_overhead_parser(sub)
     add_router_fleet_parser(sub)
     add_fleet_sim_parser(sub)
+    add_kv_transfer_parser(sub)
     return bench
 
 

@@ -37,9 +37,12 @@ class MooncakeTransport(KVTransport):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         super().__init__(timeout_s)
         self.protocol = protocol
-        engine_cls = _import_engine()
-        # NOTE: read by Mooncake when the engine starts; one value per process
+        # NOTE: both read by Mooncake (on import, or when an engine starts); one value per
+        # process. Its INFO lines (every connection and segment opened) stay out of workers'
+        # logs unless MC_LOG_LEVEL says otherwise.
         os.environ["MC_TRANSFER_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
+        os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+        engine_cls = _import_engine()
         self._engine = engine_cls()
         rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:

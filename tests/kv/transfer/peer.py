@@ -4,6 +4,7 @@ starts clean: no inherited Mooncake engine or mappings)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 from typing import Any
@@ -93,7 +94,8 @@ class Peer:
         return self._reply()
 
     def _reply(self) -> Any:
-        if not self._conn.poll(REPLY_TIMEOUT_S):
+        ready = mp.connection.wait([self._conn, self.process.sentinel], REPLY_TIMEOUT_S)
+        if self._conn not in ready:
             self.process.kill()
-            raise TimeoutError(f"peer process {self.process.pid} did not answer")
+            raise RuntimeError(f"peer process {self.process.pid} died or hung")
         return self._conn.recv()

@@ -4,7 +4,7 @@ between two processes, in one run.
 Raw: one large contiguous write. Block pattern: a whole prompt's blocks of a Llama-8B-shaped
 layer (fewer layers), random block ids on both sides (or consecutive ones), in one write or one
 write per layer (as a sender overlapping with compute would), for ember's two pool layouts.
-Every pattern is checked byte for byte after its timed writes.
+Raw and pattern writes alternate round by round; the blocks' bytes are checked (SHA-256) after.
 """
 
 from __future__ import annotations
@@ -116,17 +116,12 @@ class _Receiver:
         return self._conn.recv()
 
 
-def _time_writes(transport: KVTransport, peer: dict[str, Any], writes: list[Segments],
-                 repeats: int) -> list[float]:
-    """Seconds per round of `writes` (queued together, all awaited); one untimed round first."""
-    seconds = []
-    for round_idx in range(repeats + 1):
-        start = time.perf_counter()
-        for future in [transport.write_async(peer, segments) for segments in writes]:
-            future.result()
-        if round_idx:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+def _time_round(transport: KVTransport, peer: dict[str, Any], writes: list[Segments]) -> float:
+    """Seconds to queue `writes` together and have them all land."""
+    start = time.perf_counter()
+    for future in [transport.write_async(peer, segments) for segments in writes]:
+        future.result()
+    return time.perf_counter() - start
 
 
 def _rate(nbytes: int, seconds: list[float]) -> dict[str, Any]:
@@ -145,21 +140,31 @@ def _block_ids(cfg: KVTransferBenchConfig, pattern: str) -> tuple[np.ndarray, np
 
 def _bench_pattern(cfg: KVTransferBenchConfig, transport: KVTransport, receiver: _Receiver,
                    local: np.ndarray, layout_name: str, pattern: str) -> dict[str, Any]:
+    """Raw, whole-prompt and layer-by-layer writes in turn, each round after an untimed one, so
+    every ratio compares measurements taken moments apart on a shared machine."""
     layout = BlockLayout.from_shape(cfg.shape(layout_name), 2, LAYOUTS[layout_name])
     src_ids, dst_ids = _block_ids(cfg, pattern)
     whole = layout.segments(src_ids, dst_ids)
-    per_layer = [layout.segments(src_ids, dst_ids, layers=[i]) for i in range(cfg.num_layers)]
-    nbytes = int(whole[:, 2].sum())
+    raw_bytes = min(cfg.raw_mib << 20, cfg.pool_bytes)
+    modes = {"raw": [np.array([[0, 0, raw_bytes]])], "whole": [whole],
+             "per_layer": [layout.segments(src_ids, dst_ids, layers=[i])
+                           for i in range(cfg.num_layers)]}
     receiver.ask("zero")
+    seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_idx in range(cfg.repeats + 1):
+        for mode, writes in modes.items():
+            elapsed = _time_round(transport, receiver.descriptor, writes)
+            if round_idx:
+                seconds[mode].append(elapsed)
+    if receiver.ask("digest", whole) != _digest(local, whole[:, 0], whole[:, 2]):
+        raise RuntimeError(f"{transport.name}: {layout_name}/{pattern} blocks arrived corrupted")
+    nbytes = int(whole[:, 2].sum())
     row = {"layout": layout_name, "pattern": pattern, "num_blocks": len(src_ids),
            "num_segments": len(whole), "segment_kib": layout.segment_bytes / 1024,
-           "whole": _rate(nbytes, _time_writes(transport, receiver.descriptor, [whole],
-                                               cfg.repeats)),
-           "per_layer": _rate(nbytes, _time_writes(transport, receiver.descriptor, per_layer,
-                                                   cfg.repeats))}
-    sent = _digest(local, whole[:, 0], whole[:, 2])
-    if receiver.ask("digest", whole) != sent:
-        raise RuntimeError(f"{transport.name}: {layout_name}/{pattern} blocks arrived corrupted")
+           "raw": _rate(raw_bytes, seconds["raw"]), "whole": _rate(nbytes, seconds["whole"]),
+           "per_layer": _rate(nbytes, seconds["per_layer"])}
+    for mode in ("whole", "per_layer"):
+        row[mode]["of_raw"] = row[mode]["gbps"] / row["raw"]["gbps"]
     return row
 
 
@@ -170,15 +175,9 @@ def _bench_backend(cfg: KVTransferBenchConfig, backend: str) -> dict[str, Any]:
                           generator=torch.Generator().manual_seed(cfg.seed))
     try:
         transport.register(local)
-        raw_bytes = min(cfg.raw_mib << 20, cfg.pool_bytes)
-        raw = _rate(raw_bytes, _time_writes(transport, receiver.descriptor,
-                                            [np.array([[0, 0, raw_bytes]])], cfg.repeats))
         rows = [_bench_pattern(cfg, transport, receiver, local.numpy(), layout, pattern)
                 for layout in cfg.layouts for pattern in cfg.patterns]
-        for row in rows:
-            for mode in ("whole", "per_layer"):
-                row[mode]["of_raw"] = row[mode]["gbps"] / raw["gbps"]
-        return {"backend": backend, "raw": raw, "patterns": rows}
+        return {"backend": backend, "patterns": rows}
     finally:
         transport.close()
         receiver.stop()
@@ -209,17 +208,17 @@ def kv_transfer_markdown(report: dict[str, Any]) -> str:
              f"{cfg['head_dim']} dim, bf16, {cfg['block_size']}-token blocks, "
              f"{cfg['num_blocks']} blocks ({report['pool_bytes'] / 2**20:g} MiB); "
              f"prompt {cfg['prompt_tokens']} tokens; median of {cfg['repeats']} runs.", "",
-             "| backend | raw GB/s | layout | block ids | segments (KiB each) | whole prompt "
+             "| backend | layout | block ids | segments (KiB each) | raw GB/s | whole prompt "
              "GB/s | of raw | layer by layer GB/s | of raw |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for entry in report["backends"]:
-        raw = entry["raw"]["gbps"]
         for row in entry["patterns"]:
             whole, layered = row["whole"], row["per_layer"]
             lines.append(
-                f"| {entry['backend']} | {raw:.2f} | {row['layout']} | {row['pattern']} | "
-                f"{row['num_segments']:,} ({row['segment_kib']:g}) | {whole['gbps']:.2f} | "
-                f"{whole['of_raw']:.0%} | {layered['gbps']:.2f} | {layered['of_raw']:.0%} |")
+                f"| {entry['backend']} | {row['layout']} | {row['pattern']} | "
+                f"{row['num_segments']:,} ({row['segment_kib']:g}) | {row['raw']['gbps']:.2f} | "
+                f"{whole['gbps']:.2f} | {whole['of_raw']:.0%} | {layered['gbps']:.2f} | "
+                f"{layered['of_raw']:.0%} |")
     return "\n".join(lines)
 
 

@@ -151,3 +151,16 @@ def merge_adjacent(segments: Segments) -> Segments:
     starts = np.concatenate([[0], np.flatnonzero(~continues) + 1])
     totals = np.add.reduceat(nbytes, starts)
     return np.stack([src[starts], dst[starts], totals], axis=1)
+
+
+def split_segments(segments: Segments, max_bytes: int) -> Segments:
+    """The same copy with no segment longer than `max_bytes` (long ones cut in order)."""
+    counts = -(-segments[:, 2] // max_bytes)
+    if len(segments) == 0 or counts.max() <= 1:
+        return segments
+    pieces = np.repeat(segments, counts, axis=0)
+    shift = (np.arange(len(pieces)) - np.repeat(np.cumsum(counts) - counts, counts)) * max_bytes
+    pieces[:, 0] += shift
+    pieces[:, 1] += shift
+    pieces[:, 2] = np.minimum(pieces[:, 2] - shift, max_bytes)
+    return pieces

@@ -14,13 +14,16 @@ import numpy as np
 import torch
 
 from ember.kv.transfer.base import KVTransferError, KVTransport
-from ember.kv.transfer.layout import Segments
+from ember.kv.transfer.layout import Segments, split_segments
 
 PROTOCOLS = ("tcp", "rdma")
 # NOTE: Mooncake's TCP transport queues at most 1024 transfers per peer by default
 # (MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER) and fails the whole batch beyond that, so batches
 # are cut well below it.
 MAX_BATCH = 512
+# Measured over loopback TCP: 256 MiB sent as 1 MiB transfers ran 1.2-2x faster than as one
+# (Mooncake spreads a batch's transfers over its TCP lanes; one transfer uses one).
+MAX_TRANSFER_BYTES = 1 << 20
 
 
 class MooncakeTransport(KVTransport):
@@ -68,6 +71,7 @@ class MooncakeTransport(KVTransport):
 
     def _write(self, peer: dict[str, Any], segments: Segments) -> None:
         session = peer["session"]
+        segments = split_segments(segments, MAX_TRANSFER_BYTES)
         src = (segments[:, 0] + self.pool.data_ptr()).tolist()
         dst = (segments[:, 1] + int(peer["base"])).tolist()
         lengths = segments[:, 2].tolist()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ember.kv.transfer.layout import BlockLayout, as_segments, merge_adjacent
+from ember.kv.transfer.layout import BlockLayout, as_segments, merge_adjacent, split_segments
 
 # [layers, 2, blocks, block_size, kv_heads, head_dim] (block axis 2) and the torch backend's
 # head-major [layers, 2, kv_heads, blocks, block_size, head_dim] (block axis 3)
@@ -120,3 +120,11 @@ def test_merge_adjacent_and_as_segments() -> None:
     assert merge_adjacent(segments).tolist() == [[0, 100, 16], [16, 200, 8], [40, 208, 8]]
     with pytest.raises(ValueError, match="triples"):
         as_segments([(1, 2)])
+
+
+def test_split_segments_cuts_long_ones_in_order() -> None:
+    segments = as_segments([(0, 1000, 10), (100, 0, 25), (50, 60, 4)])
+    assert split_segments(segments, 10).tolist() == [
+        [0, 1000, 10], [100, 0, 10], [110, 10, 10], [120, 20, 5], [50, 60, 4]]
+    assert split_segments(segments, 25) is segments
+    assert split_segments(as_segments([]), 8).shape == (0, 3)

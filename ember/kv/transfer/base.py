@@ -36,8 +36,8 @@ class KVTransport(ABC):
       within `timeout_s`. `write_async` returns a Future completing the same way (done or
       KVTransferError within `timeout_s`); writes run one at a time, in submission order.
     * NOTE: after a timeout the copy may still land until the backend gives up on its own
-      (Mooncake: its transfer timeout, set to `timeout_s`); a destination must not reuse
-      blocks of a failed write before then.
+      (Mooncake 0.3.13: each synchronous batch waits at most ~5 s); a destination must not
+      reuse the blocks of a failed write before then.
     * `close()` is idempotent; it waits for the write in progress and drops queued ones.
     """
 

@@ -29,7 +29,7 @@ MAX_TRANSFER_BYTES = 1 << 20
 class MooncakeTransport(KVTransport):
     """`hostname`: the address peers reach this process at (127.0.0.1 on one host, this node's
     IP in a cluster); `protocol`: "tcp" or "rdma"; `device_name`: RDMA devices, comma-separated
-    ("" = all); `timeout_s`: per write, also Mooncake's own transfer timeout."""
+    ("" = all); `timeout_s`: per write (also passed on as MC_TRANSFER_TIMEOUT)."""
 
     name: ClassVar[str] = "mooncake"
     peer_fields: ClassVar[tuple[str, ...]] = ("session", "base")
@@ -38,21 +38,20 @@ class MooncakeTransport(KVTransport):
                  device_name: str = "", timeout_s: float = 30.0) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-        super().__init__(timeout_s)
         self.protocol = protocol
-        # NOTE: both read by Mooncake (on import, or when an engine starts); one value per
-        # process. Its INFO lines (every connection and segment opened) stay out of workers'
-        # logs unless MC_LOG_LEVEL says otherwise.
+        # NOTE: read by Mooncake on import or engine start: one value per process. Its INFO
+        # lines (every connection and segment opened) stay out of workers' logs unless
+        # MC_LOG_LEVEL says otherwise. Its synchronous batch waits time out after ~5 s anyway.
         os.environ["MC_TRANSFER_TIMEOUT"] = str(max(1, math.ceil(timeout_s)))
         os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
-        engine_cls = _import_engine()
-        self._engine = engine_cls()
+        self._engine = _import_engine()()
         rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:
             raise KVTransferError(f"mooncake: initialize({hostname!r}, {protocol!r}) failed "
                                   f"with code {rc}")
         self.session = f"{hostname}:{self._engine.get_rpc_port()}"
         self._registered: int | None = None
+        super().__init__(timeout_s)  # last: its worker threads start only for a working engine
 
     def peer_name(self, peer: dict[str, Any]) -> str:
         return str(peer.get("session"))

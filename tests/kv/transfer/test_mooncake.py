@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -47,3 +48,9 @@ def test_descriptor_names_session_protocol_and_address() -> None:
 def test_unknown_protocol_is_refused() -> None:
     with pytest.raises(ValueError, match="protocol must be one of"):
         make_transport("mooncake", protocol="carrier-pigeon")
+
+
+def test_missing_mooncake_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mooncake.engine", None)  # as if not installed
+    with pytest.raises(KVTransferError, match="mooncake-transfer-engine-non-cuda.*libibverbs1"):
+        make_transport("mooncake")

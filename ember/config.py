@@ -289,6 +289,22 @@ class RouterConfig:
     request_timeout_s: float = field(
         default=3600.0, metadata={"help": "Longest a proxied request may take, streamed."}
     )
+    min_remote_prefill_tokens: int = field(
+        default=256, metadata={"help": "Disaggregated fleets: a request whose prompt has fewer "
+                                       "tokens than this uncached on its decode worker is "
+                                       "prefilled there."}
+    )
+    prefill_timeout_s: float = field(
+        default=20.0, metadata={"help": "Disaggregated fleets: a prefill worker that has not "
+                                        "answered in this long has failed (the decode worker "
+                                        "prefills); keep it below the workers' "
+                                        "kv_reservation_ttl_s."}
+    )
+    max_prefill_queue_tokens: int = field(
+        default=32768, metadata={"help": "Disaggregated fleets: prompt tokens in flight beyond "
+                                         "which a prefill worker counts as saturated (when all "
+                                         "are, decode workers prefill)."}
+    )
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:

@@ -6,12 +6,16 @@ reported failed; its decode worker never adopts the reservation."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+# Never start a write this close to the reservation's expiry (clock skew, write duration).
+EXPIRY_MARGIN_S = 2.0
 
 
 class KVSender:
@@ -39,6 +43,10 @@ class KVSender:
         return failures
 
     def _send(self, seq_id: int, target: dict[str, Any]) -> None:
+        expires = target.get("expires_at_unix")
+        if expires is not None and time.time() > float(expires) - EXPIRY_MARGIN_S:
+            raise TimeoutError("the decode worker's reservation has expired (its blocks may "
+                               "belong to another request now)")
         first, dst = int(target["first_block"]), [int(b) for b in target["block_ids"]]
         src = self.kv.block_table(seq_id)[: len(dst)]
         if len(src) != len(dst):

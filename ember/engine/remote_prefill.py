@@ -66,7 +66,9 @@ class RemotePrefills:
                                                      self.clock() + self.ttl_s)
         return {"transfer_id": transfer_id, "block_ids": list(kv.block_table(seq.seq_id)),
                 "first_block": num_cached, "num_cached_tokens": start,
-                "num_prompt_tokens": seq.num_tokens, "ttl_s": self.ttl_s}
+                "num_prompt_tokens": seq.num_tokens, "ttl_s": self.ttl_s,
+                # the sender's deadline (wall clock): after it, the blocks may be another's
+                "expires_at_unix": time.time() + self.ttl_s}
 
     def _match_whole_blocks(self, seq: Sequence) -> int:
         """Cached leading blocks (device or CPU tier); a prefix on disk is not waited for."""

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from ember.config import RouterConfig
+from ember.router.disagg import Disaggregator, DisaggSettings
 from ember.router.fleet import Fleet
 from ember.router.metrics import RouterMetrics
 from ember.router.proxy import Proxy, estimate_tokens, routing_request
@@ -85,7 +86,13 @@ def build_router_app(config: RouterConfig,
         timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=5)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
                 limit=0)) as http:
-            state["proxy"] = Proxy(fleet, dispatcher, metrics, http, config.max_attempts)
+            disaggregator = Disaggregator(
+                fleet, dispatcher, make_policy(config.routing_policy, config.decode_weight),
+                metrics, http, DisaggSettings(config.min_remote_prefill_tokens,
+                                              config.max_prefill_queue_tokens,
+                                              prefill_timeout_s=config.prefill_timeout_s))
+            state["proxy"] = Proxy(fleet, dispatcher, metrics, http, config.max_attempts,
+                                   disaggregator)
             await fleet.check_health(http)
             tasks = [asyncio.create_task(fleet.run_health_checks(http, config.health_interval_s))]
             if config.config is not None:
@@ -130,7 +137,7 @@ def build_router_app(config: RouterConfig,
             req = routing_request(payload, count_tokens, session_id)
         on_dispatch = (lambda url: cache.routed(url, hashes)) if cache is not None else None
         return await state["proxy"].forward(path, body, headers, req, bool(payload.get("stream")),
-                                            on_dispatch)
+                                            on_dispatch, payload)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -142,15 +149,16 @@ def build_router_app(config: RouterConfig,
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        ids = sorted({m for w in fleet.eligible() for m in w.model_ids})
+        ids = sorted({m for w in fleet.serving() for m in w.model_ids})
         return {"object": "list", "data": [{"id": i, "object": "model", "owned_by": "ember"}
                                            for i in ids]}
 
     @app.get("/health")
     async def health() -> Response:
-        if not fleet.eligible():
+        if not fleet.serving():
             raise APIError(503, "no healthy worker", headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ok", "workers": len(fleet.eligible())})
+        return JSONResponse({"status": "ok", "workers": len(fleet.serving()),
+                             "prefill_workers": len(fleet.prefillers())})
 
     @app.get("/workers")
     async def workers() -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Worker:
     running: int = 0  # requests in flight
     decode_tokens: int = 0  # max_tokens still to come, over requests in flight
     model_ids: list[str] = field(default_factory=list)
+    role: str = "both"  # "prefill" | "decode" | "both", as the worker reports it
     # load the router did not send (other routers, direct clients), from the worker's /load:
     # what it reported minus what this router had counted on it at that moment
     external_prefill_tokens: int = 0
@@ -42,6 +43,7 @@ class Worker:
         return self.decode_tokens + self.external_decode_tokens
 
     def correct_load(self, report: dict[str, Any]) -> None:
+        self.role = str(report.get("role", "both"))
         self.external_prefill_tokens = max(int(report["prefill_tokens"]) - self.prefill_tokens,
                                            0)
         self.external_decode_tokens = max(int(report["decode_tokens"]) - self.decode_tokens, 0)
@@ -57,7 +59,8 @@ class Worker:
                 "prefill_tokens": self.prefill_tokens, "running": self.running,
                 "decode_tokens": self.decode_tokens,
                 "external_prefill_tokens": self.external_prefill_tokens,
-                "external_decode_tokens": self.external_decode_tokens, "models": self.model_ids}
+                "external_decode_tokens": self.external_decode_tokens, "role": self.role,
+                "models": self.model_ids}
 
 
 class LoadTicket:
@@ -104,6 +107,13 @@ class Fleet:
 
     def eligible(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.is_eligible]
+
+    def serving(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[Worker]:
+        """Eligible workers that take whole requests (all but prefill-only ones)."""
+        return [w for w in self.eligible() if w.role != "prefill" and w.url not in exclude]
+
+    def prefillers(self) -> list[Worker]:
+        return [w for w in self.eligible() if w.role == "prefill"]
 
     def record_failure(self, worker: Worker, why: str) -> None:
         worker.consecutive_failures += 1

@@ -57,7 +57,13 @@ class RouterMetrics:
                                       registry=reg)
         self.upstream_errors = Counter("ember_router:upstream_errors",
                                        "Worker failures by kind.", ["kind"], registry=reg)
+        self._disagg = Counter("ember_router:disagg_decisions",
+                               "Disaggregation decisions: remote prefill, or why local.",
+                               ["decision"], registry=reg)
         reg.register(_FleetCollector(fleet))
+
+    def decision(self, reason: str) -> None:
+        self._decisions.labels(reason).inc()
 
     def routed(self, routed: Routed) -> None:
         self._decisions.labels(routed.decision.reason).inc()
@@ -66,6 +72,9 @@ class RouterMetrics:
             self.affinity_moves.inc()
         elif routed.session_move is False:
             self.affinity_hits.inc()
+
+    def disagg(self, decision: str) -> None:
+        self._disagg.labels(decision).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 from fastapi.responses import Response, StreamingResponse
 
+from ember.router.disagg import Disaggregator
 from ember.router.fleet import Fleet, LoadTicket, Worker
 from ember.router.metrics import RouterMetrics
 from ember.router.policy import RoutingRequest
@@ -29,42 +31,58 @@ WORKER_HEADER = "x-ember-worker"  # which worker served the response
 
 class Proxy:
     def __init__(self, fleet: Fleet, dispatcher: Dispatcher, metrics: RouterMetrics,
-                 http: aiohttp.ClientSession, max_attempts: int = 3) -> None:
+                 http: aiohttp.ClientSession, max_attempts: int = 3,
+                 disaggregator: Disaggregator | None = None) -> None:
         self.fleet = fleet
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.http = http
         self.max_attempts = max_attempts
+        self.disaggregator = disaggregator
 
     async def forward(self, path: str, body: bytes, headers: dict[str, str],
                       req: RoutingRequest, stream: bool,
-                      on_dispatch: Callable[[str], None] | None = None) -> Response:
+                      on_dispatch: Callable[[str], None] | None = None,
+                      payload: dict[str, Any] | None = None) -> Response:
         tried: set[str] = set()
         last_error = "no eligible worker"
+        handoff = None
+        if self.disaggregator is not None and payload is not None and self.fleet.prefillers():
+            handoff = await self.disaggregator.prepare(path, payload, req)
         for attempt in range(self.max_attempts):
-            workers = [w for w in self.fleet.eligible() if w.url not in tried]
-            routed = self.dispatcher.decide(req, workers, retry=attempt > 0)
-            if routed is None:
-                break
-            decision = routed.decision
-            worker = decision.worker
+            if handoff is not None:  # decided by the disaggregator
+                worker, prefill = handoff.worker, handoff.prefill_tokens
+                sent = handoff.body if handoff.body is not None else body
+            else:
+                routed = self.dispatcher.decide(req, self.fleet.serving(tried),
+                                                retry=attempt > 0)
+                if routed is None:
+                    break
+                self.metrics.routed(routed)
+                worker, sent = routed.decision.worker, body
+                prefill = req.num_prompt_tokens - routed.decision.predicted_cached_tokens
             tried.add(worker.url)
-            self.metrics.routed(routed)
-            ticket = LoadTicket(worker, req.num_prompt_tokens - decision.predicted_cached_tokens,
-                                req.max_tokens)
+            ticket = LoadTicket(worker, prefill, req.max_tokens)
             if on_dispatch is not None:
                 on_dispatch(worker.url)
             try:
-                result = await self._attempt(worker, ticket, path, body, headers, stream)
+                result = await self._attempt(worker, ticket, path, sent, headers, stream)
             except _Retry as retry:
                 ticket.release()
                 last_error = f"{worker.url}: {retry}"
                 self.fleet.record_failure(worker, str(retry))
                 self.metrics.upstream_errors.labels(retry.kind).inc()
+                handoff = None
                 continue
             except BaseException:
                 ticket.release()
                 raise
+            if handoff is not None and handoff.body is not None and result.status_code == 400:
+                # the reservation was gone (expired, or its worker restarted): prefill there
+                self.metrics.disagg("local_reservation_lost")
+                handoff = replace(handoff, body=None, prefill_tokens=req.num_prompt_tokens)
+                tried.discard(worker.url)
+                continue
             self.fleet.record_success(worker)
             return result
         raise APIError(503 if not tried else 502,

@@ -17,7 +17,7 @@ from ember.server.errors import APIError
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
 from ember.server.state import ServerState
 
-_SENDER_KEYS = {"do_remote_decode", "peer", "block_ids", "first_block"}
+_SENDER_KEYS = {"do_remote_decode", "peer", "block_ids", "first_block"}  # + expires_at_unix
 _RECEIVER_KEYS = {"transfer_id", "first_token_ids"}
 
 

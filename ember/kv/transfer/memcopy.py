@@ -28,8 +28,16 @@ logger = logging.getLogger(__name__)
 _SOURCE = b"""
 #include <stdint.h>
 #include <string.h>
+#define AHEAD 4  /* segments prefetched ahead: random 4-32 KiB copies wait on page walks */
 void copy_segments(char *dst, const char *src, const int64_t *segments, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
+        if (i + AHEAD < n) {
+            const int64_t *next = segments + 3 * (i + AHEAD);
+            for (int64_t k = 0; k < next[2] && k < (64 << 10); k += 4096) {
+                __builtin_prefetch(src + next[0] + k, 0, 0);
+                __builtin_prefetch(dst + next[1] + k, 1, 0);
+            }
+        }
         const int64_t *s = segments + 3 * i;  /* src_offset, dst_offset, nbytes */
         memcpy(dst + s[1], src + s[0], (size_t)s[2]);
     }

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: sysdeps $(STAMP)
-	$(VENV)/bin/ember serve $(ARGS)
+	$(VENV)/bin/ember up --prefill 1 --decode 1 $(ARGS)
 
 test: sysdeps $(STAMP)
 	$(VENV)/bin/ruff check ember tests

@@ -85,6 +85,19 @@ def cmd_router(args: argparse.Namespace) -> int:
     return run_router(apply_fleet_file(config, values))
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from ember.launch.up import FleetPlan, run_up
+
+    prefill, decode, colocated = args.prefill, args.decode, args.workers
+    if not (prefill or decode or colocated):
+        prefill, decode = 1, 1
+    extra = [a for a in args.worker_args if a != "--"]
+    plan = FleetPlan(_model_dir(args), args.served_model_name or (args.model or "demo"),
+                     prefill, decode, colocated, args.host, args.port,
+                     args.kv_transfer_backend, tuple(extra))
+    return run_up(plan)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ember import LLM, SamplingParams
 
@@ -112,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                        [(f.name, f) for f in dataclasses.fields(RouterConfig)
                         if f.name != "workers"])
     router.set_defaults(func=cmd_router)
+
+    up = sub.add_parser("up", help="Start a fleet on this machine: workers (prefill + decode, "
+                        "or colocated) behind a router; Ctrl-C stops them all.")
+    up.add_argument("--model", default=None, help="Model directory (default: the demo model).")
+    up.add_argument("--prefill", type=int, default=0, help="Prefill workers.")
+    up.add_argument("--decode", type=int, default=0, help="Decode workers.")
+    up.add_argument("--workers", type=int, default=0, help="Colocated workers (instead).")
+    up.add_argument("--host", default="127.0.0.1", help="The router's address.")
+    up.add_argument("--port", type=int, default=8000, help="The router's port.")
+    up.add_argument("--kv-transfer-backend", default="shm", choices=("shm", "mooncake"),
+                    help="How disaggregated workers move KV (default: shm, same host).")
+    up.add_argument("--served-model-name", default=None, help="Model id clients send.")
+    up.add_argument("worker_args", nargs=argparse.REMAINDER,
+                    help="After `--`: engine options for every worker (e.g. -- --dtype "
+                         "float32).")
+    up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="Generate completions for prompts and exit.")
     _add_engine_options(gen)

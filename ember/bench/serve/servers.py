@@ -94,7 +94,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = [*launch.argv, "--host", "127.0.0.1", "--port", str(self.port)]
+        argv = self._argv(launch)
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
@@ -102,6 +102,10 @@ class ServerProcess:
                                               **launch.env})
         self._known: dict[int, psutil.Process] = {}
         self._note_descendants()
+
+    def _argv(self, launch: ServerLaunch) -> list[str]:
+        """The command line: the launch's, listening on this process's host and port."""
+        return [*launch.argv, "--host", "127.0.0.1", "--port", str(self.port)]
 
     def _note_descendants(self) -> list[psutil.Process]:
         """The server and its descendants now; remembered so stop() can reach orphans."""

@@ -1,0 +1,43 @@
+"""`ember up`: a prefill and a decode worker behind a router on the tiny model, started
+together; a long prompt is prefilled remotely and streamed back; everything stops together."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from ember.launch.up import Fleet, FleetPlan
+from tests.factories import tiny_model_dir
+
+FLAGS = ("--max-model-len", "1024", "--kv-cache-memory", str(4 << 20), "--num-threads", "1")
+
+
+def test_a_disaggregated_fleet_serves_and_stops(tmp_path):
+    plan = FleetPlan(str(tiny_model_dir(tmp_path)), "tiny", prefill=1, decode=1, port=0,
+                     worker_args=FLAGS, log_dir=tmp_path / "logs")
+    fleet = Fleet(plan)
+    url = fleet.start()
+    try:
+        workers = httpx.get(f"{url}/workers", timeout=10).json()["workers"]
+        assert sorted(w["role"] for w in workers) == ["decode", "prefill"]
+        long_prompt = "tokens for the prefill worker " * 80
+        resp = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": long_prompt, "max_tokens": 8, "stream": True})
+        lines = [x for x in resp.text.splitlines() if x.startswith("data: ")]
+        assert resp.status_code == 200 and lines[-1] == "data: [DONE]"
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'ember_router:disagg_decisions_total{decision="remote"} 1.0' in metrics
+    finally:
+        fleet.stop()
+    for proc in [fleet.router, *fleet.workers]:
+        assert proc.alive_pids() == []
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({"prefill": 1, "decode": 0}, "at least one prefill and one decode"),
+    ({"prefill": 1, "decode": 1, "colocated": 2}, "either --workers"),
+    ({}, "at least one worker"),
+])
+def test_bad_plans_are_refused(counts, message):
+    with pytest.raises(ValueError, match=message):
+        FleetPlan("model", "name", **counts).validate()

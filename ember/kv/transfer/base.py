@@ -132,6 +132,9 @@ class KVTransport(ABC):
         if not isinstance(peer, dict) or peer.get("backend") != self.name:
             got = peer.get("backend") if isinstance(peer, dict) else type(peer).__name__
             raise KVTransferError(f"{self.name}: peer descriptor is for backend {got!r}")
+        if peer.get("version") != DESCRIPTOR_VERSION:
+            raise KVTransferError(f"{self.name}: peer descriptor version {peer.get('version')!r}"
+                                  f", this ember speaks {DESCRIPTOR_VERSION}")
         missing = [f for f in ("nbytes", *self.peer_fields) if f not in peer]
         if missing:
             raise KVTransferError(f"{self.name}: peer descriptor lacks field(s) {missing}")

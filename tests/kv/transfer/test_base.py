@@ -3,6 +3,7 @@ process: random blocks land bit-exactly, nothing else changes, failures are clea
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ def test_random_blocks_land_bit_exactly(local, peer: Peer) -> None:
     src_ids, dst_ids = _random_ids(0, 11)
     segments = LAYOUT.segments(src_ids, dst_ids)
     before = peer.pool_bytes()
-    transport.write(peer.descriptor, segments)
+    transport.write(json.loads(json.dumps(peer.descriptor)), segments)  # as sent between hosts
     after = peer.pool_bytes()
     np.testing.assert_array_equal(after, _expected(before, pool_bytes(pool), segments))
     changed = np.flatnonzero(after != before)
@@ -107,6 +108,8 @@ def test_wrong_descriptors_are_refused(local, peer: Peer, backend: str) -> None:
     other = "mooncake" if backend == "shm" else "shm"
     with pytest.raises(KVTransferError, match=f"for backend '{other}'"):
         transport.write({**peer.descriptor, "backend": other}, segments)
+    with pytest.raises(KVTransferError, match="version 99"):
+        transport.write({**peer.descriptor, "version": 99}, segments)
     field = transport.peer_fields[0]
     with pytest.raises(KVTransferError, match=f"lacks field.*{field}"):
         transport.write({k: v for k, v in peer.descriptor.items() if k != field}, segments)

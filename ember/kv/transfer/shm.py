@@ -78,7 +78,7 @@ class ShmTransport(KVTransport):
     def __init__(self, timeout_s: float = 30.0) -> None:
         super().__init__(timeout_s)
         self._shared: SharedKVPool | None = None
-        self._peers: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
+        self._peers: dict[str, tuple[mmap.mmap, np.ndarray]] = {}  # by _peer_key
 
     def peer_name(self, peer: dict[str, Any]) -> str:
         return f"pid {peer.get('pid')} ({peer.get('path')})"
@@ -107,14 +107,14 @@ class ShmTransport(KVTransport):
             raise KVTransferError(f"shm: peer {self.peer_name(peer)} is on host "
                                   f"{peer['host']!r}, not this one; use mooncake across hosts")
         if _started(int(peer["pid"])) != peer["pid_started"]:
-            self._unmap(peer["path"])
+            self._unmap(_peer_key(peer))
             raise KVTransferError(f"shm: peer {self.peer_name(peer)} is not running")
 
     def _map(self, peer: dict[str, Any]) -> np.ndarray:
-        path = peer["path"]
-        if path not in self._peers:
+        key = _peer_key(peer)
+        if key not in self._peers:
             try:
-                with open(path, "r+b") as f:
+                with open(peer["path"], "r+b") as f:
                     mapping = mmap.mmap(f.fileno(), 0)
             except (OSError, ValueError) as err:
                 raise KVTransferError(f"shm: cannot map peer {self.peer_name(peer)}'s pool: "
@@ -123,19 +123,25 @@ class ShmTransport(KVTransport):
                 mapping.close()
                 raise KVTransferError(f"shm: peer {self.peer_name(peer)}'s pool is smaller "
                                       f"than its descriptor says")
-            self._peers[path] = (mapping, np.frombuffer(mapping, dtype=np.uint8))
-        return self._peers[path][1]
+            self._peers[key] = (mapping, np.frombuffer(mapping, dtype=np.uint8))
+        return self._peers[key][1]
 
-    def _unmap(self, path: str) -> None:
-        entry = self._peers.pop(path, None)
+    def _unmap(self, key: str) -> None:
+        entry = self._peers.pop(key, None)
         if entry is not None:
             mapping, view = entry
             del view, entry
             mapping.close()
 
     def _close(self) -> None:
-        for path in list(self._peers):
-            self._unmap(path)
+        for key in list(self._peers):
+            self._unmap(key)
+
+
+def _peer_key(peer: dict[str, Any]) -> str:
+    """A mapping is reused only for the same file of the same process: a restarted peer
+    reusing a pool name gets its new file mapped, not the old one."""
+    return f"{peer['path']}|{peer['pid']}|{peer['pid_started']}"
 
 
 @cache

@@ -5,6 +5,8 @@ that name them, a full decode worker is a 503 no_room, and both pools end where 
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -20,7 +22,8 @@ def trio(model_dir):
     flags = ("--kv-transfer-backend", "shm")
     with running_server(model_dir) as both, \
             running_server(model_dir, "--role", "prefill", *flags) as prefill, \
-            running_server(model_dir, "--role", "decode", *flags) as decode:
+            running_server(model_dir, "--role", "decode", "--kv-reservation-ttl-s", "3",
+                           *flags) as decode:
         yield both, prefill, decode
 
 
@@ -97,3 +100,22 @@ def test_a_released_reservation_frees_its_blocks(trio):
                             timeout=10)
     assert released.status_code == 200
     assert _used_blocks(decode) == 0
+
+
+def test_an_expired_reservation_is_freed_and_never_adopted(trio):
+    _, prefill, decode = trio
+    r = httpx.post(f"{decode.url}/kv_transfer/reserve", timeout=30,
+                   json={"endpoint": "chat", "request": CHAT}).json()
+    assert _used_blocks(decode) > 0
+    time.sleep(3.5)
+    assert _used_blocks(decode) == 0  # freed by the decode worker on its own
+    late = httpx.post(f"{prefill.url}/v1/chat/completions", timeout=60, json={
+        **CHAT, "max_tokens": 1, "kv_transfer_params": {
+            "do_remote_decode": True, "peer": r["peer"], "block_ids": r["block_ids"],
+            "first_block": r["first_block"], "expires_at_unix": r["expires_at_unix"]}})
+    assert late.status_code == 500 and "expired" in late.json()["error"]["message"]
+    adopt = httpx.post(f"{decode.url}/v1/chat/completions", timeout=30, json={
+        **CHAT, "kv_transfer_params": {"transfer_id": r["transfer_id"],
+                                       "first_token_ids": [5]}})
+    assert adopt.status_code == 400 and "expired or released" in adopt.text
+    assert _used_blocks(prefill) == 0 and _used_blocks(decode) == 0

@@ -23,10 +23,14 @@ class DeadlineWatch:
 
     def watch(self, future: Future, timeout_s: float, error: Exception) -> None:
         """Set `error` on `future` if it is still pending after `timeout_s` seconds."""
+        deadline = time.monotonic() + timeout_s
         with self._wake:
-            heapq.heappush(self._heap, (time.monotonic() + timeout_s, next(self._order),
-                                        future, error))
-            self._wake.notify()
+            while self._heap and self._heap[0][2].done():  # finished writes leave in order
+                heapq.heappop(self._heap)
+            earliest = not self._heap or deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline, next(self._order), future, error))
+            if earliest:  # otherwise the watcher already wakes up sooner than needed here
+                self._wake.notify()
 
     def close(self) -> None:
         with self._wake:

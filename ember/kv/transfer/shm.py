@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import socket
 import uuid
 import weakref
@@ -78,7 +79,7 @@ class ShmTransport(KVTransport):
     def __init__(self, timeout_s: float = 30.0) -> None:
         super().__init__(timeout_s)
         self._shared: SharedKVPool | None = None
-        self._peers: dict[str, tuple[mmap.mmap, np.ndarray]] = {}  # by _peer_key
+        self._peers: dict[str, _MappedPeer] = {}  # by _peer_key
 
     def peer_name(self, peer: dict[str, Any]) -> str:
         return f"pid {peer.get('pid')} ({peer.get('path')})"
@@ -97,51 +98,80 @@ class ShmTransport(KVTransport):
                 "pid": os.getpid(), "pid_started": _started(os.getpid())}
 
     def _write(self, peer: dict[str, Any], segments: Segments) -> None:
-        self._check_alive(peer)
-        target = self._map(peer)
-        base = target.ctypes.data + int(peer.get("offset", 0))
-        copy_segments(base, self.pool.data_ptr(), segments)
+        target = self._target(peer)
+        copy_segments(target.view.ctypes.data + int(peer.get("offset", 0)),
+                      self.pool.data_ptr(), segments)
 
-    def _check_alive(self, peer: dict[str, Any]) -> None:
+    def _target(self, peer: dict[str, Any]) -> _MappedPeer:
+        key = _peer_key(peer)
+        if key not in self._peers:
+            self._peers[key] = self._map(peer)
+        if self._peers[key].has_exited():
+            self._unmap(key)
+            raise KVTransferError(f"shm: peer {self.peer_name(peer)} is not running")
+        return self._peers[key]
+
+    def _map(self, peer: dict[str, Any]) -> _MappedPeer:
         if peer["host"] != host_id():
             raise KVTransferError(f"shm: peer {self.peer_name(peer)} is on host "
                                   f"{peer['host']!r}, not this one; use mooncake across hosts")
-        if _started(int(peer["pid"])) != peer["pid_started"]:
-            self._unmap(_peer_key(peer))
+        pid = int(peer["pid"])
+        if _started(pid) != peer["pid_started"]:
             raise KVTransferError(f"shm: peer {self.peer_name(peer)} is not running")
-
-    def _map(self, peer: dict[str, Any]) -> np.ndarray:
-        key = _peer_key(peer)
-        if key not in self._peers:
-            try:
-                with open(peer["path"], "r+b") as f:
-                    mapping = mmap.mmap(f.fileno(), 0)
-            except (OSError, ValueError) as err:
-                raise KVTransferError(f"shm: cannot map peer {self.peer_name(peer)}'s pool: "
-                                      f"{err}") from err
-            if len(mapping) < int(peer["nbytes"]) + int(peer.get("offset", 0)):
-                mapping.close()
-                raise KVTransferError(f"shm: peer {self.peer_name(peer)}'s pool is smaller "
-                                      f"than its descriptor says")
-            self._peers[key] = (mapping, np.frombuffer(mapping, dtype=np.uint8))
-        return self._peers[key][1]
+        try:
+            with open(peer["path"], "r+b") as f:
+                mapping = mmap.mmap(f.fileno(), 0)
+        except (OSError, ValueError) as err:
+            raise KVTransferError(f"shm: cannot map peer {self.peer_name(peer)}'s pool: "
+                                  f"{err}") from err
+        if len(mapping) < int(peer["nbytes"]) + int(peer.get("offset", 0)):
+            mapping.close()
+            raise KVTransferError(f"shm: peer {self.peer_name(peer)}'s pool is smaller than "
+                                  f"its descriptor says")
+        return _MappedPeer(mapping, np.frombuffer(mapping, dtype=np.uint8), pid,
+                           peer["pid_started"], _pidfd(pid))
 
     def _unmap(self, key: str) -> None:
         entry = self._peers.pop(key, None)
         if entry is not None:
-            mapping, view = entry
-            del view, entry
-            mapping.close()
+            entry.close()
 
     def _close(self) -> None:
         for key in list(self._peers):
             self._unmap(key)
 
 
+class _MappedPeer:
+    """A peer's pool mapped here, and a handle on its process to notice when it is gone."""
+
+    def __init__(self, mapping: mmap.mmap, view: np.ndarray, pid: int, started: float,
+                 pidfd: int | None) -> None:
+        self.mapping, self.view = mapping, view
+        self._pid, self._started, self._pidfd = pid, started, pidfd
+
+    def has_exited(self) -> bool:
+        if self._pidfd is None:  # no pidfd here: ~100 us through /proc instead of ~2 us
+            return _started(self._pid) != self._started
+        return bool(select.select([self._pidfd], [], [], 0)[0])  # readable once it exits
+
+    def close(self) -> None:
+        del self.view
+        self.mapping.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+
+
 def _peer_key(peer: dict[str, Any]) -> str:
     """A mapping is reused only for the same file of the same process: a restarted peer
     reusing a pool name gets its new file mapped, not the old one."""
-    return f"{peer['path']}|{peer['pid']}|{peer['pid_started']}"
+    return f"{peer['host']}|{peer['path']}|{peer['pid']}|{peer['pid_started']}"
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # before Linux 5.3, or not Linux
+        return None
 
 
 @cache

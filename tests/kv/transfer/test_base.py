@@ -93,13 +93,17 @@ def test_peer_writes_into_this_process(local, peer: Peer) -> None:
 
 def test_dead_peer_is_a_clear_error_not_a_hang(local, backend: str) -> None:
     transport, _ = local
-    doomed = Peer(backend, timeout_s=TIMEOUT_S)
-    doomed.kill()
-    start = time.monotonic()
-    with pytest.raises(KVTransferError) as err:
-        transport.write(doomed.descriptor, LAYOUT.segments([0, 1], [2, 3]))
-    assert time.monotonic() - start < TIMEOUT_S + 2
-    assert transport.peer_name(doomed.descriptor) in str(err.value)
+    segments = LAYOUT.segments([0, 1], [2, 3])
+    for connected_first in (False, True):
+        doomed = Peer(backend, timeout_s=TIMEOUT_S)
+        if connected_first:  # dies after the transport connected to / mapped it
+            transport.write(doomed.descriptor, segments)
+        doomed.kill()
+        start = time.monotonic()
+        with pytest.raises(KVTransferError) as err:
+            transport.write(doomed.descriptor, segments)
+        assert time.monotonic() - start < TIMEOUT_S + 2
+        assert transport.peer_name(doomed.descriptor) in str(err.value)
 
 
 def test_wrong_descriptors_are_refused(local, peer: Peer, backend: str) -> None:

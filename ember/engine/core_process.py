@@ -344,10 +344,13 @@ class CoreLoop:
         sched = self.engine.scheduler
         pool = sched.kv.pool
         prefill, decode = sched.pending_tokens()
+        sender = self.engine.kv_sender
         return EngineCoreStats(
             num_running=len(sched.running), num_waiting=len(sched.waiting),
             num_requests=len(sched.requests), num_blocks=pool.num_blocks,
             num_free_blocks=pool.num_free_blocks, kv_usage=sched.kv.usage,
             num_preemptions=sched.num_preemptions, num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
-            num_pending_prefill_tokens=prefill, num_pending_decode_tokens=decode)
+            num_pending_prefill_tokens=prefill, num_pending_decode_tokens=decode,
+            kv_transfer_bytes=sender.num_bytes_sent if sender is not None else 0,
+            kv_transfer_seconds=sender.seconds_sending if sender is not None else 0.0)

@@ -24,6 +24,8 @@ class KVSender:
         self.layout = layout
         self.kv = kv
         self.num_blocks_sent = 0
+        self.num_bytes_sent = 0
+        self.seconds_sending = 0.0
 
     def send_computed_prompts(self, sched: SchedulerOutput) -> list[tuple[str, str]]:
         """Write the KV of every prompt this step finished that has a decode target; returns
@@ -52,5 +54,9 @@ class KVSender:
         if len(src) != len(dst):
             raise ValueError(f"the prompt has {len(src)} blocks here but {len(dst)} reserved")
         if first < len(dst):
-            self.transport.write(target["peer"], self.layout.segments(src[first:], dst[first:]))
+            segments = self.layout.segments(src[first:], dst[first:])
+            start = time.perf_counter()
+            self.transport.write(target["peer"], segments)
+            self.seconds_sending += time.perf_counter() - start
             self.num_blocks_sent += len(dst) - first
+            self.num_bytes_sent += int(segments[:, 2].sum()) if len(segments) else 0

@@ -151,6 +151,8 @@ class EngineCoreStats:
     num_generated_tokens: int = 0  # since start-up
     num_pending_prefill_tokens: int = 0  # prompt tokens not yet computed
     num_pending_decode_tokens: int = 0  # tokens still to generate, at most
+    kv_transfer_bytes: int = 0  # prefill role: KV written to decode workers since start-up
+    kv_transfer_seconds: float = 0.0  # ... and the time those writes took
 
     def to_wire(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,10 +48,16 @@ class _EngineStatsCollector(Collector):
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric(labels, value)
             yield gauge
-        preemptions = CounterMetricFamily("ember:num_preemptions", "Sequences preempted.",
-                                          labels=["model_name"])
-        preemptions.add_metric(labels, s.num_preemptions)
-        yield preemptions
+        for name, doc, value in (
+            ("ember:num_preemptions", "Sequences preempted.", s.num_preemptions),
+            ("ember:kv_transfer_bytes", "KV bytes this prefill worker wrote to decode workers.",
+             s.kv_transfer_bytes),
+            ("ember:kv_transfer_seconds", "Seconds spent writing KV to decode workers.",
+             s.kv_transfer_seconds),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric(labels, value)
+            yield counter
 
 
 class ServerMetrics:

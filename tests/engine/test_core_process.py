@@ -86,6 +86,8 @@ class FakeEngine:
         for request_id in request_ids:
             self.scheduler.abort_request(request_id)
 
+    kv_sender = None
+
     def take_failures(self) -> list[tuple[str, str]]:
         return []
 

@@ -58,6 +58,9 @@ def test_greedy_output_matches_colocated(trio, n):
     texts = [c["message"]["content"] for c in got.json()["choices"]]
     assert texts == [c["message"]["content"] for c in expected["choices"]]
     assert got.json()["usage"]["completion_tokens"] == 12 * n
+    metrics = httpx.get(f"{prefill.url}/metrics", timeout=10).text
+    sent = next(x for x in metrics.splitlines() if x.startswith("ember:kv_transfer_bytes_total"))
+    assert float(sent.rsplit(" ", 1)[1]) > 0
 
 
 def test_completions_stream_from_the_decode_worker(trio):

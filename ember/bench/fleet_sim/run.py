@@ -50,9 +50,14 @@ def run_sweep(sweep: SweepConfig, trace_cfg: TraceConfig, worker_cfg: WorkerConf
                          "requests_per_s": requests_per_s, "sessions_per_s": sessions_per_s,
                          "num_sessions": len(trace), "results": results})
     return {"capacity": capacity, "runs": runs, "targets": targets(runs),
-            "config": {"sweep": asdict(sweep), "trace": asdict(trace_cfg),
+            "config": {"sweep": asdict(sweep), "trace": _per_run_sessions(trace_cfg),
                        "worker": asdict(worker_cfg), "step_model": step_model.to_json()},
             "calibration": _calibration_summary(calibration)}
+
+
+def _per_run_sessions(trace_cfg: TraceConfig) -> dict[str, Any]:
+    """The trace settings; its length is per run (sessions_per_worker x workers)."""
+    return {k: v for k, v in asdict(trace_cfg).items() if k != "num_sessions"}
 
 
 def _calibration_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:

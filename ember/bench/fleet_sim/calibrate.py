@@ -65,7 +65,7 @@ class _StepRecorder:
         def recording_execute(sched: Any) -> Any:
             self._stats = StepStats()
             for chunk in sched.chunks:
-                is_decode = chunk.start_pos >= chunk.seq.num_prompt_tokens
+                is_decode = chunk.num_tokens == 1 and chunk.start_pos >= chunk.seq.num_prompt_tokens
                 self._stats.add_chunk(chunk.start_pos, chunk.num_tokens, is_decode)
             return execute(sched)
 

@@ -102,7 +102,9 @@ class SimWorker:
     def _stats(self) -> StepStats:
         stats = StepStats()
         for seq, start, num_tokens in self._chunks:
-            stats.add_chunk(start, num_tokens, is_decode=start >= seq.num_prompt_tokens)
+            # NOTE: a preempted sequence recomputes its outputs as prefill chunks
+            is_decode = num_tokens == 1 and start >= seq.num_prompt_tokens
+            stats.add_chunk(start, num_tokens, is_decode)
         return stats
 
     def finish_step(self) -> list[TokenEvent]:

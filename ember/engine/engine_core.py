@@ -40,7 +40,8 @@ class EngineCore:
         role = config.disagg.role
         self.remote_prefills = (RemotePrefills(self.scheduler, config.disagg.kv_reservation_ttl_s)
                                 if role == "decode" else None)
-        self.kv_sender = (KVSender(parts.transport, parts.kv_layout, self.scheduler.kv)
+        self.kv_sender = (KVSender(parts.transport, parts.kv_layout, self.scheduler.kv,
+                                   self.runner.backend.block_dim + 1)
                           if role == "prefill" else None)
         self._early_outputs: list[EngineCoreOutput] = []  # adopted requests' first tokens
         self._failures: list[tuple[str, str]] = []  # (request_id, why) failed mid-flight

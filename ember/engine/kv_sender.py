@@ -19,9 +19,11 @@ EXPIRY_MARGIN_S = 2.0
 
 
 class KVSender:
-    def __init__(self, transport: Any, layout: Any, kv: KVCacheManager) -> None:
+    def __init__(self, transport: Any, layout: Any, kv: KVCacheManager,
+                 block_axis: int) -> None:
         self.transport = transport
-        self.layout = layout
+        self.layout = layout  # this pool's
+        self.block_axis = block_axis
         self.kv = kv
         self.num_blocks_sent = 0
         self.num_bytes_sent = 0
@@ -54,7 +56,10 @@ class KVSender:
         if len(src) != len(dst):
             raise ValueError(f"the prompt has {len(src)} blocks here but {len(dst)} reserved")
         if first < len(dst):
-            segments = self.layout.segments(src[first:], dst[first:])
+            from ember.kv.transfer import BlockLayout
+
+            peer_layout = BlockLayout.from_descriptor(target["peer"], self.block_axis)
+            segments = self.layout.segments(src[first:], dst[first:], dst=peer_layout)
             start = time.perf_counter()
             self.transport.write(target["peer"], segments)
             self.seconds_sending += time.perf_counter() - start

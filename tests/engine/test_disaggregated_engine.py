@@ -16,9 +16,11 @@ from tests.factories import tiny_model_dir
 
 
 def _core(model_dir, role: str) -> EngineCore:
+    # pools of different sizes: block ids must land by the decode pool's layout
+    kv_bytes = (3 << 20) if role == "prefill" else (4 << 20)
     return EngineCore(EngineConfig.from_options(
         str(model_dir), dtype="float32", role=role, kv_transfer_backend="shm",
-        kv_cache_memory=4 << 20, block_size=4))
+        kv_cache_memory=kv_bytes, block_size=4))
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ember.bench.disagg import add_disagg_parser
 from ember.bench.fleet_sim.cli import add_fleet_sim_parser
 from ember.bench.kv_transfer import add_kv_transfer_parser
 from ember.bench.models import MODEL_SIZES, build_bench_model
@@ -126,6 +127,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     _add_prefix_cache_parser(sub)
     add_router_overhead_parser(sub)
     add_router_fleet_parser(sub)
+    add_disagg_parser(sub)
     add_fleet_sim_parser(sub)
     add_kv_transfer_parser(sub)
     return bench
@@ -223,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def cmd_prefix_cache(args: argparse.Namespace) -> int:
     from ember.bench.prefix_cache import (
@@ -266,3 +265,7 @@ def _add_prefix_cache_parser(sub: argparse._SubParsersAction) -> None:
     pc.add_argument("--modes", type=_csv, default=("off", "device", "cpu", "disk"))
     pc.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
     pc.set_defaults(func=cmd_prefix_cache)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

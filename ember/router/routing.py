@@ -36,8 +36,9 @@ class Routed:
 
 @dataclass
 class Dispatcher:
-    """Affinity gives a session's home worker (the first on the ring whose running requests are
-    within `affinity_load_factor` x the fleet mean); the policy decides with it."""
+    """Affinity gives a session's home worker (its first eligible worker on the ring, while that
+    worker's running requests are within `affinity_load_factor` x the fleet mean); the policy
+    decides with it."""
 
     policy: Policy
     session_affinity: bool = True
@@ -78,8 +79,15 @@ class Dispatcher:
         return Routed(decision, move)
 
     def _home(self, req: RoutingRequest, workers: list[Worker]) -> Worker | None:
+        """The session's worker: the first eligible one on the ring, while its running
+        requests are within the load bound; None when it is over it (the cost function then
+        places the request, wherever its history is cached or the load is lowest)."""
         if req.session_id is None or not self.session_affinity:
             return None
-        url = self.ring.pick(req.session_id, {w.url: w.running for w in workers},
-                             {w.url for w in workers}, self.affinity_load_factor)
-        return next((w for w in workers if w.url == url), None)
+        loads = {w.url: w.running for w in workers}
+        eligible = {w.url for w in workers}
+        first = self.ring.pick(req.session_id, loads, eligible, float("inf"))
+        if first is None or self.ring.pick(req.session_id, loads, eligible,
+                                           self.affinity_load_factor) != first:
+            return None
+        return next((w for w in workers if w.url == first), None)

@@ -26,26 +26,48 @@ _BEST_TIER = [None] + [TIERS[(mask & -mask).bit_length() - 1]
 
 def _leading_runs(entries: dict[str, dict[str, Any]], block_hashes: list[str],
                   tier_of: Callable[[Any], str]) -> dict[str, list[str]]:
-    """For each worker, the tiers of the longest leading run of block_hashes it holds, walking
-    the hashes once and keeping only the workers still matching."""
-    runs: dict[str, list[str]] = {}
-    if not block_hashes:
-        return runs
-    first = entries.get(block_hashes[0])
-    if not first:
-        return runs
-    for worker_id, held in first.items():
-        runs[worker_id] = [tier_of(held)]
-    matching = list(runs)
-    for block_hash in block_hashes[1:]:
+    """For each worker, the tiers of the longest leading run of block_hashes it holds.
+
+    NOTE: on the hot path (every request, every worker): the walk narrows the matching set
+    with C-level set operations, and blocks whose holders all keep them in the same tier share
+    one list of tiers, so a worker's answer is usually a slice of it."""
+    walked: list[dict[str, Any]] = []  # holders of each block in the common run
+    lengths: dict[str, int] = {}  # worker -> blocks matched, once it stops matching
+    matching: set[str] = set()
+    for idx, block_hash in enumerate(block_hashes):
         holders = entries.get(block_hash)
         if not holders:
             break
-        matching = [w for w in matching if w in holders]
-        if not matching:
+        if idx == 0:
+            matching = set(holders)
+        else:
+            still = matching.intersection(holders)
+            for worker_id in matching - still:
+                lengths[worker_id] = idx
+            matching = still
+            if not matching:
+                break
+        walked.append(holders)
+    for worker_id in matching:
+        lengths[worker_id] = len(walked)
+    return _tiers_by_worker(walked, lengths, tier_of)
+
+
+def _tiers_by_worker(walked: list[dict[str, Any]], lengths: dict[str, int],
+                     tier_of: Callable[[Any], str]) -> dict[str, list[str]]:
+    shared: list[str] = []  # tiers of the leading blocks all of whose holders agree
+    for holders in walked:
+        values = set(holders.values())
+        if len(values) != 1:
             break
-        for worker_id in matching:
-            runs[worker_id].append(tier_of(holders[worker_id]))
+        shared.append(tier_of(next(iter(values))))
+    runs = {}
+    for worker_id, num in lengths.items():
+        if num <= len(shared):
+            runs[worker_id] = shared[:num]
+        else:
+            runs[worker_id] = shared + [tier_of(walked[j][worker_id])
+                                        for j in range(len(shared), num)]
     return runs
 
 

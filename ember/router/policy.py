@@ -36,7 +36,8 @@ class RoutingRequest:
         """Prompt tokens `worker_url` holds in cache (tier-weighted unless told otherwise);
         at least one token is always computed."""
         tiers = self.cached_tiers.get(worker_url, [])
-        blocks = sum(TIER_WEIGHTS.get(t, 0.0) for t in tiers) if weighted else len(tiers)
+        blocks = sum(w * tiers.count(t) for t, w in TIER_WEIGHTS.items()) if weighted \
+            else len(tiers)  # list.count: C speed, this runs for every worker per request
         return min(blocks * self.block_size, max(self.num_prompt_tokens - 1, 0))
 
 

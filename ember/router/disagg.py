@@ -30,6 +30,8 @@ from ember.router.routing import Dispatcher
 
 logger = logging.getLogger(__name__)
 
+_REFUSED: dict[str, Any] = {}  # a reservation the decode worker refused as a bad request
+
 
 @dataclass(frozen=True)
 class DisaggSettings:
@@ -79,6 +81,9 @@ class Disaggregator:
                 self.metrics.disagg(reason)
                 return local
             reservation = await self._reserve(decode, path, payload)
+            if reservation is _REFUSED:  # the request itself is bad: the worker will say why
+                self.metrics.disagg("local_reserve_refused")
+                return local
             if reservation is None:
                 continue
             first = await self._prefill(path, payload, req, reservation)
@@ -115,6 +120,8 @@ class Disaggregator:
             async with self.http.post(f"{decode.url}/kv_transfer/reserve", json=body) as resp:
                 if resp.status == 200:
                     return await resp.json()
+                if 400 <= resp.status < 500:
+                    return _REFUSED
                 why = f"HTTP {resp.status}: {(await resp.text())[:200]}"
         except (TimeoutError, aiohttp.ClientError) as err:
             why = repr(err)

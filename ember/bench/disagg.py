@@ -40,6 +40,9 @@ class DisaggBenchConfig:
     long_prompt_tokens: int = 3500
     long_max_tokens: int = 16
     kv_cache_bytes: int = 256 << 20  # per worker
+    # a small step budget (the latency setting for colocated serving): prompts prefill in
+    # many short chunks instead of stalling a step for seconds
+    max_num_batched_tokens: int = 256
     max_model_len: int = 4096
     kv_transfer_backend: str = "shm"
     seed: int = 0
@@ -50,7 +53,9 @@ def _plan(cfg: DisaggBenchConfig, setup: str, log_dir: Path) -> FleetPlan:
     return FleetPlan(cfg.model_dir, SERVED_NAME, port=0, log_dir=log_dir,
                      kv_transfer_backend=cfg.kv_transfer_backend, worker_args=(
                          "--num-threads", "1", "--kv-cache-memory", str(cfg.kv_cache_bytes),
-                         "--max-model-len", str(cfg.max_model_len)), **counts)
+                         "--max-model-len", str(cfg.max_model_len),
+                         "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)),
+                     **counts)
 
 
 async def _steady(http: Any, url: str, prompt: str, cfg: DisaggBenchConfig, t0: float,
@@ -200,6 +205,8 @@ def add_disagg_parser(sub: Any) -> None:
     db.add_argument("--long-prompt-tokens", type=int, default=3500)
     db.add_argument("--burst-every-s", type=float, default=8.0)
     db.add_argument("--burst-size", type=int, default=2)
+    db.add_argument("--max-num-batched-tokens", type=int, default=256,
+                    help="Every worker's step budget.")
     db.add_argument("--kv-transfer-backend", default="shm", choices=("shm", "mooncake"))
     db.add_argument("--out", type=Path, default=Path("benchmarks/disagg"))
     db.set_defaults(func=_cmd_disagg)
@@ -214,6 +221,7 @@ def _cmd_disagg(args: Any) -> int:
         model_dir=str(args.model or build_bench_model("10m")), duration_s=args.duration_s,
         num_streams=args.num_streams, long_prompt_tokens=args.long_prompt_tokens,
         burst_every_s=args.burst_every_s, burst_size=args.burst_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         kv_transfer_backend=args.kv_transfer_backend)
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_disagg_bench(cfg, args.out / "logs")

@@ -15,18 +15,38 @@ from ember.engine.sampling_params import SamplingParams
 from tests.factories import tiny_model_dir
 
 
-def _core(model_dir, role: str) -> EngineCore:
+def _core(model_dir, role: str, backend: str = "shm") -> EngineCore:
     # pools of different sizes: block ids must land by the decode pool's layout
     kv_bytes = (3 << 20) if role == "prefill" else (4 << 20)
     return EngineCore(EngineConfig.from_options(
-        str(model_dir), dtype="float32", role=role, kv_transfer_backend="shm",
+        str(model_dir), dtype="float32", role=role, kv_transfer_backend=backend,
         kv_cache_memory=kv_bytes, block_size=4))
 
 
 @pytest.fixture(scope="module")
-def cores(tmp_path_factory):
-    model_dir = tiny_model_dir(tmp_path_factory.mktemp("disagg"))
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("disagg"))
+
+
+@pytest.fixture(scope="module")
+def cores(model_dir):
     return _core(model_dir, "both"), _core(model_dir, "prefill"), _core(model_dir, "decode")
+
+
+def test_greedy_outputs_match_over_mooncake(model_dir):
+    """The same hand-off over the Mooncake Transfer Engine (TCP on loopback)."""
+    colocated = _core(model_dir, "both")
+    prefill, decode = _core(model_dir, "prefill", "mooncake"), _core(model_dir, "decode",
+                                                                      "mooncake")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            expected = _run(colocated, EngineCoreRequest(f"mc-c{i}", prompt, params, 0.0))
+            assert _disaggregated(prefill, decode, f"mc{i}", prompt, params) == expected
+        assert prefill.kv_sender.num_bytes_sent > 0
+    finally:
+        for core in (colocated, prefill, decode):
+            core.close()
 
 
 def _run(core: EngineCore, request: EngineCoreRequest) -> dict[int, list[int]]:

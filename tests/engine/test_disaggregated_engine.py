@@ -1,7 +1,7 @@
 """A prefill EngineCore and a decode EngineCore in one process: the decode core reserves, the
-prefill core computes the prompt and writes its KV blocks into the reservation over the real
-shared-memory transport, the decode core adopts it and decodes on. Greedy outputs match one
-colocated core exactly (fp32).
+prefill core computes the prompt and writes its KV blocks into the reservation over a real
+transport (shared memory; Mooncake in one test), the decode core adopts it and decodes on.
+Greedy outputs match one colocated core exactly (fp32).
 """
 
 from __future__ import annotations

@@ -7,21 +7,13 @@ second); when that fails, `load_kernel()` returns None and the backend stays on 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from ember.envs import cache_dir
-
-logger = logging.getLogger(__name__)
+from ember.native import load_c_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
@@ -40,35 +32,14 @@ def _cpu_signature() -> str:
     return flags
 
 
-def _build(out: Path) -> None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_obj, tmp_lib = Path(tmp) / "kernel.o", Path(tmp) / out.name
-        subprocess.run([compiler, *_FLAGS, "-c", str(_SOURCE), "-o", str(tmp_obj)],
-                       check=True, capture_output=True, timeout=120)
-        subprocess.run([compiler, *_LINK_FLAGS, str(tmp_obj), "-o", str(tmp_lib), "-lm"],
-                       check=True, capture_output=True, timeout=120)
-        os.replace(tmp_lib, out)  # atomic: concurrent builders never see half a library
-
-
 @cache
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (logged) when it cannot be built here."""
     if platform.system() != "Linux":
         return None
-    source = _SOURCE.read_bytes()
-    flags = " ".join(_FLAGS + _LINK_FLAGS).encode()
-    key = hashlib.sha256(source + flags + _cpu_signature().encode())
-    lib_path = cache_dir() / "kernels" / f"paged_attention-{key.hexdigest()[:16]}.so"
-    try:
-        if not lib_path.exists():
-            _build(lib_path)
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        logger.warning("CPU attention kernel unavailable, using PyTorch ops: %s", err)
+    lib = load_c_library("paged_attention", _SOURCE.read_bytes(), _FLAGS, _LINK_FLAGS,
+                         _cpu_signature().encode())
+    if lib is None:
         return None
     for name in _FUNCTIONS.values():
         getattr(lib, name).restype = ctypes.c_int

@@ -9,21 +9,12 @@ callers do.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 
-from ember.envs import cache_dir
 from ember.kv.transfer.layout import Segments
-
-logger = logging.getLogger(__name__)
+from ember.native import load_c_library
 
 _SOURCE = b"""
 #include <stdint.h>
@@ -61,27 +52,7 @@ def copy_segments(dst_base: int, src_base: int, segments: Segments) -> None:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    key = hashlib.sha256(_SOURCE).hexdigest()[:16]
-    lib_path = cache_dir() / "kernels" / f"copy_segments-{key}.so"
-    try:
-        if not lib_path.exists():
-            _build(lib_path)
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        logger.warning("KV segment copier unavailable, copying segment by segment: %s", err)
-        return None
-    lib.copy_segments.restype = None
+    lib = load_c_library("copy_segments", _SOURCE, ["-O2", "-fPIC"], ["-shared"])
+    if lib is not None:
+        lib.copy_segments.restype = None
     return lib
-
-
-def _build(out: Path) -> None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        source, lib = Path(tmp) / "copy_segments.c", Path(tmp) / out.name
-        source.write_bytes(_SOURCE)
-        subprocess.run([compiler, "-O2", "-fPIC", "-shared", str(source), "-o", str(lib)],
-                       check=True, capture_output=True, timeout=60)
-        os.replace(lib, out)  # atomic: concurrent builders never see half a library

@@ -1,0 +1,48 @@
+"""Small C libraries compiled at first use with the system compiler and cached in ember's
+cache dir (keyed by source, flags and anything else the caller names), then bound with
+ctypes. A machine without a compiler gets None, and the caller its pure-Python fallback."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ember.envs import cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+def load_c_library(name: str, source: bytes, compile_flags: list[str], link_flags: list[str],
+                   extra_key: bytes = b"") -> ctypes.CDLL | None:
+    """The library built from `source` (compiled, then linked: see cpu_kernel.py for why
+    linking is a separate step), or None with a warning naming what failed."""
+    key = hashlib.sha256(source + " ".join(compile_flags + link_flags).encode() + extra_key)
+    lib_path = cache_dir() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
+    try:
+        if not lib_path.exists():
+            _build(lib_path, source, compile_flags, link_flags)
+        return ctypes.CDLL(str(lib_path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        logger.warning("native %s unavailable, using the Python fallback: %s", name, err)
+        return None
+
+
+def _build(out: Path, source: bytes, compile_flags: list[str], link_flags: list[str]) -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, obj, lib = Path(tmp) / "source.c", Path(tmp) / "source.o", Path(tmp) / out.name
+        src.write_bytes(source)
+        subprocess.run([compiler, *compile_flags, "-c", str(src), "-o", str(obj)],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *link_flags, str(obj), "-o", str(lib), "-lm"],
+                       check=True, capture_output=True, timeout=120)
+        os.replace(lib, out)  # atomic: concurrent builders never see half a library

@@ -15,6 +15,7 @@ prefill does not carry (logprobs, echo, structured output). Each decision is cou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -86,7 +87,11 @@ class Disaggregator:
                 return local
             if reservation is None:
                 continue
-            first = await self._prefill(path, payload, req, reservation)
+            try:
+                first = await self._prefill(path, payload, req, reservation)
+            except BaseException:  # the client left (cancelled): free the blocks now
+                await asyncio.shield(self._release(decode, reservation["transfer_id"]))
+                raise
             if first is None:
                 await self._release(decode, reservation["transfer_id"])
                 self.metrics.disagg("local_prefill_failed")

@@ -109,6 +109,26 @@ def test_a_decode_worker_without_room_prefills_itself(fleet):
     _wait_baseline(prefill, decode)
 
 
+def test_a_client_that_leaves_during_the_remote_prefill_frees_the_reservation(fleet):
+    router, _, prefill, decode = fleet
+    _wait_baseline(decode)
+    prefill.proc.send_signal(signal.SIGSTOP)  # the prefill hangs; the client gives up
+    seen: list[float] = []
+    watcher = threading.Thread(target=lambda: [seen.append(_kv_usage(decode)) or
+                                               time.sleep(0.05) for _ in range(15)])
+    try:
+        watcher.start()
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{router.url}/v1/chat/completions", timeout=1.0, json={
+                **CHAT, "messages": [{"role": "user", "content": "gone " * 40}]})
+        watcher.join()
+        assert max(seen) > 0  # the blocks were reserved while the prefill hung
+        _wait_baseline(decode)  # and freed well before the reservation's 30 s expiry
+    finally:
+        prefill.proc.send_signal(signal.SIGCONT)
+    _assert_idle(router)
+
+
 def test_a_frozen_then_killed_prefill_worker_costs_no_request(fleet):
     router, both, prefill, decode = fleet
     expected = _chat(both.url, "still there?").json()["choices"][0]["message"]["content"]

@@ -47,7 +47,11 @@ def apply_penalties_(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         penalty = _per_entry([rows[i].params.repetition_penalty for i in owners], owner, logits)
         # NOTE: an id seen twice is written twice with the same value, so it is penalised once.
         seen = flat.index_select(0, pos_t)  # [N]
-        flat.index_copy_(0, pos_t, torch.where(seen > 0, seen / penalty, seen * penalty))
+        edited = torch.where(seen > 0, seen / penalty, seen * penalty)
+        # NOTE: an extreme penalty (e.g. 5e-324, found by fuzzing) overflows to +-inf, and an
+        # all-inf row samples NaN: keep the penalised logits finite.
+        big = torch.finfo(logits.dtype).max
+        flat.index_copy_(0, pos_t, edited.clamp_(-big, big))
 
     out_idx = [i for i, r in enumerate(rows)
                if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
@@ -98,5 +102,7 @@ def _flat_positions(row_idx: list[int], id_lists: list[list[int]],
 
 def _per_entry(values: list[float], owner: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """values[owner[n]] for every entry n, as a tensor with like's dtype and device."""
-    per_entry = np.asarray(values, dtype=np.float32)[owner]  # [N]
+    big = np.finfo(np.float32).max  # an extreme penalty saturates instead of overflowing
+    per_entry = np.clip(np.asarray(values, dtype=np.float64), -big, big).astype(np.float32)
+    per_entry = per_entry[owner]  # [N]
     return to_device_async(torch.from_numpy(per_entry), like.device).to(like.dtype)

@@ -91,3 +91,18 @@ def test_needs_penalties_and_out_of_range_ids():
     logits = torch.zeros(1, 4)
     with pytest.raises(ValueError, match="out of range"):
         apply_penalties_(logits, [row(SamplingParams(repetition_penalty=2.0), [4], [])])
+
+
+@pytest.mark.parametrize("penalty", [5e-324, 1e-30, 1e30, 1e308])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=0),
+                                      dict(temperature=0.8, top_k=5, top_p=0.9)])
+def test_extreme_repetition_penalties_still_sample_a_valid_token(penalty, sampling):
+    """Found by fuzzing the server: dividing by a denormal penalty overflowed to inf and the
+    draw indexed past the vocabulary."""
+    vocab = 64
+    logits = torch.randn(3, vocab) * 5
+    seen = list(range(vocab))  # every id penalised: an all-overflow row is the worst case
+    rows = [row(SamplingParams(repetition_penalty=penalty, seed=i, **sampling), seen, [1, 2])
+            for i in range(3)]
+    out = Sampler()(logits, rows)
+    assert all(0 <= t < vocab for t in out.token_ids)

@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from tests.server.conftest import MODEL_NAME, kv_usage, running_server
 
-MAX_EXAMPLES = 60  # per operation
+MAX_EXAMPLES = 100  # per operation: enough that some fuzzed completions are served
 
 
 def _error_shape(ctx, response, case) -> None:
@@ -43,6 +43,8 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, path):
     def run(case, is_served_model) -> None:
         if is_served_model and isinstance(case.body, dict) and "model" in case.body:
             case.body["model"] = MODEL_NAME  # reach the engine, not only the 404
+            # random kv_transfer_params are (rightly) a 400 on a colocated server
+            case.body.pop("kv_transfer_params", None)
         response = case.call(base_url=fuzz_server.url, timeout=60)
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         case.validate_response(response, checks=[not_a_server_error, _error_shape])

@@ -261,6 +261,7 @@ class AsyncEngineClient:
         params = sampling_params if sampling_params is not None else SamplingParams()
         text, token_ids = tokenize_prompt(self.tokenizer, prompt)
         check_token_ids(token_ids, self.model_info["vocab_size"])  # before detokenizing them
+        check_token_ids(params.stop_token_ids, self.model_info["vocab_size"], "stop_token_ids")
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")

@@ -53,6 +53,8 @@ class EngineCore:
         request = Request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time,
                           eos_token_ids=tuple(self.model_info.eos_token_ids))
         check_token_ids(req.prompt_token_ids, self.model_info.vocab_size)
+        # NOTE: stop ids are masked in the logits under min_tokens: out of range is a crash
+        check_token_ids(req.params.stop_token_ids, self.model_info.vocab_size, "stop_token_ids")
         transfer = req.kv_transfer or {}
         if "transfer_id" in transfer:
             self._adopt(request, transfer)

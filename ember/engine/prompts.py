@@ -28,9 +28,10 @@ def tokenize_prompt(tokenizer: Any, prompt: PromptType) -> tuple[str | None, lis
                      "'prompt_token_ids'")
 
 
-def check_token_ids(token_ids: list[int], vocab_size: int) -> None:
-    """ValueError naming the ids a prompt holds outside the model's vocabulary."""
+def check_token_ids(token_ids: list[int], vocab_size: int,
+                    name: str = "prompt_token_ids") -> None:
+    """ValueError naming the ids a prompt (or `name`) holds outside the model's vocabulary."""
     bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
     if bad:
-        raise ValueError(f"prompt_token_ids contains ids outside the vocabulary "
+        raise ValueError(f"{name} contains ids outside the vocabulary "
                          f"[0, {vocab_size}): {bad[:5]}")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NonNegInt = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, lt=2**63)]  # wider ids cannot cross to the engine
 
 
 class Strict(BaseModel):
@@ -61,7 +62,7 @@ class SamplingFields(Strict):
     # vLLM extensions
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # disaggregated prefill/decode (ember.server.kv_transfer), vLLM's field name

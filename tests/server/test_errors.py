@@ -55,6 +55,17 @@ def test_token_ids_outside_the_vocabulary_are_refused(server, stream, prompt):
     _assert_error(_post(server, "/v1/completions", body), 400, contains="vocabulary")
 
 
+@pytest.mark.parametrize("stop_ids", [[10**6], [2**70]])
+def test_stop_token_ids_outside_the_vocabulary_are_refused(server, stop_ids):
+    """Found by fuzzing: a huge id broke the engine hand-off (500), and an id past the
+    vocabulary under min_tokens failed the engine step."""
+    body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 4, "min_tokens": 2,
+            "stop_token_ids": stop_ids}
+    error = _assert_error(_post(server, "/v1/completions", body), 400)
+    assert "stop_token_ids" in error["message"] or error["param"] == "stop_token_ids"
+    assert _post(server, "/v1/completions", {**body, "stop_token_ids": [3]}).status_code == 200
+
+
 def test_negative_token_ids_are_refused(server):
     body = {"model": MODEL_NAME, "prompt": [[1959, -330], [4]], "max_tokens": 2}
     _assert_error(_post(server, "/v1/completions", body), 400, param="prompt")

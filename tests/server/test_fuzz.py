@@ -37,7 +37,9 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, path):
     strategy = operation.as_strategy()
     statuses: dict[int, int] = {}
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
+    # NOTE: derandomized so CI sees the same cases every run (random runs found the bugs in
+    # test_errors.py and test_penalties.py; set derandomize=False locally to explore).
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=strategy, is_served_model=st.booleans())
     def run(case, is_served_model) -> None:

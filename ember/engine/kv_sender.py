@@ -11,6 +11,7 @@ from typing import Any
 
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.scheduler_output import SchedulerOutput
+from ember.kv.transfer.layout import BlockLayout
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ class KVSender:
         if len(src) != len(dst):
             raise ValueError(f"the prompt has {len(src)} blocks here but {len(dst)} reserved")
         if first < len(dst):
-            from ember.kv.transfer import BlockLayout
-
             peer_layout = BlockLayout.from_descriptor(target["peer"], self.block_axis)
             segments = self.layout.segments(src[first:], dst[first:], dst=peer_layout)
             start = time.perf_counter()

@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +17,15 @@ from pathlib import Path
 from ember.envs import cache_dir
 
 logger = logging.getLogger(__name__)
+
+
+def cpu_signature() -> str:
+    """The CPU's feature flags: part of the cache key of libraries built with -march=native."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def load_c_library(name: str, source: bytes, compile_flags: list[str], link_flags: list[str],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ember.native import load_c_library
+from ember.native import cpu_signature, load_c_library
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
@@ -23,22 +23,13 @@ _LINK_FLAGS = ["-shared", "-fopenmp"]
 _FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 
 
-def _cpu_signature() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return flags
-
-
 @cache
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (logged) when it cannot be built here."""
     if platform.system() != "Linux":
         return None
     lib = load_c_library("paged_attention", _SOURCE.read_bytes(), _FLAGS, _LINK_FLAGS,
-                         _cpu_signature().encode())
+                         cpu_signature().encode())
     if lib is None:
         return None
     for name in _FUNCTIONS.values():

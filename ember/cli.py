@@ -108,6 +108,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ember.compress.compressor import compress_model_dir
+
+    report = compress_model_dir(args.model_dir, args.out_dir, min_numel=args.min_numel,
+                                threads=args.threads)
+    print(report.summary())
+    print(f"verified bit for bit; serve it with: ember serve --model {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="ember: open LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="After `--`: engine options for every worker (e.g. -- --dtype "
                          "float32).")
     up.set_defaults(func=cmd_up)
+
+    comp = sub.add_parser("compress", help="Compress a model's BF16 weights losslessly into a "
+                          "directory ember serves directly.")
+    comp.add_argument("model_dir", help="Hugging Face-format model directory (safetensors).")
+    comp.add_argument("out_dir", help="Where to write the compressed model (new or empty).")
+    comp.add_argument("--min-numel", type=int, default=1 << 16,
+                      help="Compress BF16 matrices of at least this many elements.")
+    comp.add_argument("--threads", type=int, default=None, help="Encoder threads (all cores).")
+    comp.set_defaults(func=cmd_compress)
 
     gen = sub.add_parser("generate", help="Generate completions for prompts and exit.")
     _add_engine_options(gen)

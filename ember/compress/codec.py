@@ -123,8 +123,11 @@ def encode_bf16(bits: np.ndarray, threads: int | None = None) -> EncodedBF16:
                               slots.ctypes.data, lens[lo:].ctypes.data, states[lo:].ctypes.data)
 
     _run_split(encode, lanes, GROUP_LANES, threads)
-    offsets = np.zeros(lanes + 1, dtype=np.uint32)
-    np.cumsum(lens, out=offsets[1:])
+    ends = np.cumsum(lens, dtype=np.int64)
+    if ends.size and ends[-1] + PADDING_WORDS > np.iinfo(np.uint32).max:
+        raise ValueError(f"a tensor of {numel} elements is too large for one stream (its "
+                         "word offsets overflow 32 bits); split it")
+    offsets = np.concatenate([[0], ends]).astype(np.uint32)
     words = np.zeros(int(offsets[-1]) + PADDING_WORDS, dtype=np.uint16)
     lib.ember_rans_pack(slots.ctypes.data, offsets.ctypes.data, lanes, words.ctypes.data)
     return EncodedBF16(numel, freq, offsets, states, words, split_bf16(bits)[1])
@@ -147,7 +150,8 @@ def check_encoded(enc: EncodedBF16) -> None:
         raise CorruptStreamError(f"words should be a uint16 vector of at least {PADDING_WORDS}")
     if enc.offsets[0] != 0 or np.any(np.diff(enc.offsets.astype(np.int64)) < 0) \
             or int(enc.offsets[-1]) + PADDING_WORDS != enc.words.size:
-        raise CorruptStreamError("lane offsets are not increasing within the word stream")
+        raise CorruptStreamError(f"lane offsets are not increasing or do not end "
+                                 f"{PADDING_WORDS} words before the end of the word stream")
 
 
 def decode_bf16(enc: EncodedBF16, out: np.ndarray | None = None,

@@ -1,7 +1,8 @@
 """Validates a Hugging Face model directory and loads it into ember's shared decoder.
 
 Reads config.json through transformers, weights only through safetensors (never unpickles), and
-copies each checkpoint tensor straight into its slot of the final, possibly fused, parameter.
+copies each checkpoint tensor straight into its slot of the final, possibly fused, parameter
+(decoding it there when `ember compress` wrote the file).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from ember.compress.format import WeightsFile
 from ember.model.decoder import DecoderModel
 from ember.model.registry import DecoderConfig, pick_architecture, resolve_config
 from ember.model.weights import checkpoint_targets, normalize_name
@@ -149,17 +150,14 @@ def resolve_dtype(dtype: str, hf_config: Any, files: list[Path]) -> torch.dtype:
 def _checkpoint_dtype(file: Path) -> torch.dtype:
     with _open(file) as f:
         for name in f.keys():
-            found = _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype())
+            found = _SAFETENSORS_DTYPES.get(f.dtype(name))
             if found is not None:
                 return found
     return torch.float32
 
 
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as exc:  # SafetensorError, OSError
-        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
+def _open(file: Path) -> WeightsFile:
+    return WeightsFile(file)  # CorruptWeightsError (a ValueError) names the file
 
 
 def load_weights(model: DecoderModel, files: list[Path]) -> None:
@@ -187,11 +185,11 @@ def load_weights(model: DecoderModel, files: list[Path]) -> None:
                         raise ValueError(f"{file.name}: tensor {name!r} duplicates {piece!r} "
                                          f"already loaded from {loaded[piece]}")
                 dest = params[target.param][target.index]
-                shape = list(f.get_slice(name).get_shape())
+                shape = f.shape(name)
                 if shape != list(dest.shape):
                     raise ValueError(f"{file.name}: tensor {name!r} has shape {shape}, "
                                      f"expected {list(dest.shape)}")
-                dest.copy_(f.get_tensor(name))
+                f.copy_into(name, dest)
                 loaded.update(dict.fromkeys(target.pieces, file.name))
     missing = [piece for piece, target in targets.items()
                if target.pieces == (piece,) and piece not in loaded]

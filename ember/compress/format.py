@@ -1,0 +1,161 @@
+"""The on-disk format of a compressed model: safetensors files whose compressed tensors are
+stored as their codec pieces (docs/compression.md).
+
+A tensor `NAME` compressed is five uint tensors `NAME::freq`, `NAME::offsets`, `NAME::states`,
+`NAME::words`, `NAME::sign_mantissa`, and an entry in the file's `ember.compression` metadata
+(JSON: format version, codec constants, per tensor its shape, dtype and xxh3-64 of its bits).
+Tensors that were not worth compressing are stored as they were, under their own names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+from safetensors import safe_open
+
+from ember.compress.codec import (
+    GROUP_LANES,
+    LANE_STEPS,
+    PROB_BITS,
+    CorruptStreamError,
+    EncodedBF16,
+    decode_bf16,
+)
+
+METADATA_KEY = "ember.compression"
+FORMAT_VERSION = 1
+CODEC = "bf16-exponent-rans"
+SEPARATOR = "::"
+PARTS = ("freq", "offsets", "states", "words", "sign_mantissa")
+CODEC_CONSTANTS = {"prob_bits": PROB_BITS, "group_lanes": GROUP_LANES, "lane_steps": LANE_STEPS}
+
+
+class CorruptWeightsError(ValueError):
+    """A compressed weights file that is truncated, corrupt or of an unknown format."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    shape: list[int]
+    dtype: str  # safetensors dtype name of the original tensor ("BF16")
+    xxh3: str  # hex xxh3-64 of the original tensor's bytes
+
+
+def bits_checksum(bits: np.ndarray) -> str:
+    return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(bits)).cast("B"))
+
+
+def encoded_tensors(name: str, enc: EncodedBF16) -> dict[str, np.ndarray]:
+    return {f"{name}{SEPARATOR}{part}": getattr(enc, part) for part in PARTS}
+
+
+def file_metadata(entries: dict[str, TensorEntry]) -> dict[str, str]:
+    body = {"version": FORMAT_VERSION, "codec": CODEC, **CODEC_CONSTANTS,
+            "tensors": {name: vars(e) for name, e in entries.items()}}
+    return {"format": "pt", METADATA_KEY: json.dumps(body, sort_keys=True)}
+
+
+class WeightsFile:
+    """A safetensors weights file, compressed by ember or not, read tensor by tensor (use as a
+    context manager); compressed tensors appear under their original names."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except Exception as exc:  # SafetensorError, OSError
+            raise CorruptWeightsError(f"{path} is not a readable safetensors file (truncated or "
+                                      f"corrupt?): {exc}") from exc
+        self.entries = self._read_entries(self._file.metadata() or {})
+        stored = set(self._file.keys())
+        self._raw = sorted(k for k in stored if SEPARATOR not in k)
+        for name in self.entries:
+            missing = [p for p in PARTS if f"{name}{SEPARATOR}{p}" not in stored]
+            if missing:
+                raise CorruptWeightsError(f"{path}: compressed tensor {name!r} lacks "
+                                          f"{', '.join(missing)}")
+
+    def __enter__(self) -> WeightsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None
+
+    def _read_entries(self, metadata: dict[str, str]) -> dict[str, TensorEntry]:
+        if METADATA_KEY not in metadata:
+            return {}
+        try:
+            body = json.loads(metadata[METADATA_KEY])
+            if body.get("version") != FORMAT_VERSION or body.get("codec") != CODEC:
+                raise CorruptWeightsError(
+                    f"{self.path}: compression format {body.get('codec')!r} version "
+                    f"{body.get('version')!r} is not {CODEC!r} version {FORMAT_VERSION}")
+            for key, value in CODEC_CONSTANTS.items():
+                if body.get(key) != value:
+                    raise CorruptWeightsError(f"{self.path}: codec {key}={body.get(key)!r}, "
+                                              f"this ember reads {value}")
+            return {name: TensorEntry(list(e["shape"]), str(e["dtype"]), str(e["xxh3"]))
+                    for name, e in body["tensors"].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, CorruptWeightsError):
+                raise
+            raise CorruptWeightsError(f"{self.path}: unreadable {METADATA_KEY} metadata: "
+                                      f"{exc}") from exc
+
+    def keys(self) -> list[str]:
+        return sorted([*self._raw, *self.entries])
+
+    def shape(self, name: str) -> list[int]:
+        if name in self.entries:
+            return self.entries[name].shape
+        return list(self._file.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name ("BF16", "F32", ...) of the (original) tensor."""
+        if name in self.entries:
+            return self.entries[name].dtype
+        return self._file.get_slice(name).get_dtype()
+
+    def encoded(self, name: str) -> EncodedBF16:
+        parts = {p: self._part(name, p) for p in PARTS}
+        return EncodedBF16(numel=int(np.prod(self.entries[name].shape, dtype=np.int64)), **parts)
+
+    def _part(self, name: str, part: str) -> np.ndarray:
+        try:
+            return self._file.get_tensor(f"{name}{SEPARATOR}{part}").numpy()
+        except Exception as exc:
+            raise CorruptWeightsError(f"{self.path}: cannot read {name}{SEPARATOR}{part}: "
+                                      f"{exc}") from exc
+
+    def copy_into(self, name: str, dest: torch.Tensor) -> None:
+        """Write tensor `name` into `dest` (decoded in place when dest is contiguous CPU
+        bfloat16, else through a temporary and a cast)."""
+        if name not in self.entries:
+            dest.copy_(self._file.get_tensor(name))
+            return
+        direct = dest.dtype == torch.bfloat16 and dest.device.type == "cpu" \
+            and dest.is_contiguous()
+        target = dest if direct else torch.empty(dest.shape, dtype=torch.bfloat16)
+        bits = target.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+        try:
+            decode_bf16(self.encoded(name), out=bits)
+        except CorruptStreamError as exc:
+            raise CorruptWeightsError(f"{self.path}: tensor {name!r}: {exc}") from exc
+        if bits_checksum(bits) != self.entries[name].xxh3:
+            raise CorruptWeightsError(f"{self.path}: tensor {name!r} decodes to different "
+                                      "bits than were compressed (checksum mismatch)")
+        if not direct:
+            dest.copy_(target)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            return self._file.get_tensor(name)
+        out = torch.empty(self.entries[name].shape, dtype=torch.bfloat16)
+        self.copy_into(name, out)
+        return out
+

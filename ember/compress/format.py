@@ -10,6 +10,7 @@ Tensors that were not worth compressing are stored as they were, under their own
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def bits_checksum(bits: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(bits)).cast("B"))
 
 
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to start reading the whole file now, so disk reads overlap decoding
+    (tensors are read through mmap page faults otherwise, one readahead window at a time)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # safe_open reports it
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass  # not on this platform: plain demand paging
+    finally:
+        os.close(fd)
+
+
 def encoded_tensors(name: str, enc: EncodedBF16) -> dict[str, np.ndarray]:
     return {f"{name}{SEPARATOR}{part}": getattr(enc, part) for part in PARTS}
 
@@ -66,6 +82,7 @@ class WeightsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        _read_ahead(path)
         try:
             self._file = safe_open(str(path), framework="pt")
         except Exception as exc:  # SafetensorError, OSError
@@ -132,9 +149,9 @@ class WeightsFile:
             raise CorruptWeightsError(f"{self.path}: cannot read {name}{SEPARATOR}{part}: "
                                       f"{exc}") from exc
 
-    def copy_into(self, name: str, dest: torch.Tensor) -> None:
-        """Write tensor `name` into `dest` (decoded in place when dest is contiguous CPU
-        bfloat16, else through a temporary and a cast)."""
+    def copy_into(self, name: str, dest: torch.Tensor, threads: int | None = None) -> None:
+        """Write tensor `name` into `dest` (decoded in place, by `threads` threads, when dest
+        is contiguous CPU bfloat16; else through a temporary and a cast)."""
         if name not in self.entries:
             dest.copy_(self._file.get_tensor(name))
             return
@@ -143,7 +160,7 @@ class WeightsFile:
         target = dest if direct else torch.empty(dest.shape, dtype=torch.bfloat16)
         bits = target.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
         try:
-            decode_bf16(self.encoded(name), out=bits)
+            decode_bf16(self.encoded(name), out=bits, threads=threads)
         except CorruptStreamError as exc:
             raise CorruptWeightsError(f"{self.path}: tensor {name!r}: {exc}") from exc
         if bits_checksum(bits) != self.entries[name].xxh3:

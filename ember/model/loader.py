@@ -8,12 +8,14 @@ copies each checkpoint tensor straight into its slot of the final, possibly fuse
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ember.compress.codec import default_threads
 from ember.compress.format import WeightsFile
 from ember.model.decoder import DecoderModel
 from ember.model.registry import DecoderConfig, pick_architecture, resolve_config
@@ -163,8 +165,8 @@ def _open(file: Path) -> WeightsFile:
 def load_weights(model: DecoderModel, files: list[Path]) -> None:
     """Copy every checkpoint tensor into its (fused) parameter slice; all of them must be there.
 
-    Only one checkpoint tensor is materialised at a time, so peak memory is the model plus one
-    tensor; casting to the model dtype happens in the copy.
+    A file's tensors are copied (or decoded) by a few threads at once, straight from the mapped
+    file into their slices; casting to the model dtype happens in the copy.
     """
     cfg: DecoderConfig = model.config
     targets = checkpoint_targets(cfg)
@@ -172,6 +174,7 @@ def load_weights(model: DecoderModel, files: list[Path]) -> None:
     loaded: dict[str, str] = {}  # canonical piece -> file it came from
     for file in files:
         with _open(file) as f:
+            jobs = []
             for name in f.keys():
                 canonical = normalize_name(name)
                 target = targets.get(canonical)
@@ -189,14 +192,30 @@ def load_weights(model: DecoderModel, files: list[Path]) -> None:
                 if shape != list(dest.shape):
                     raise ValueError(f"{file.name}: tensor {name!r} has shape {shape}, "
                                      f"expected {list(dest.shape)}")
-                f.copy_into(name, dest)
+                jobs.append((name, dest))
                 loaded.update(dict.fromkeys(target.pieces, file.name))
+            _copy_tensors(f, jobs)
     missing = [piece for piece, target in targets.items()
                if target.pieces == (piece,) and piece not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"checkpoint is missing tensor {missing[0]!r}{more} "
                          f"in {files[0].parent}")
+
+
+def _copy_tensors(f: WeightsFile, jobs: list[tuple[str, torch.Tensor]]) -> None:
+    """f.copy_into for each (name, dest), the largest first, over all cores: one tensor per
+    thread, so checksums and page faults run in parallel too (ctypes and copy_ release the
+    GIL)."""
+    jobs = sorted(jobs, key=lambda job: -job[1].numel())
+    threads = min(default_threads(), len(jobs))
+    if threads <= 1:
+        for name, dest in jobs:
+            f.copy_into(name, dest)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="ember-load") as pool:
+        for future in [pool.submit(f.copy_into, name, dest, 1) for name, dest in jobs]:
+            future.result()
 
 
 def _is_ignorable(canonical: str, cfg: DecoderConfig) -> bool:

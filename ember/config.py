@@ -23,6 +23,12 @@ class ModelConfig:
         default=None, metadata={"help": "Context length; defaults to the model's own."}
     )
     seed: int = field(default=0, metadata={"help": "Seed for unseeded sampling."})
+    keep_weights_compressed: bool = field(
+        default=False,
+        metadata={"help": "With a model written by `ember compress`: keep the decoder layers' "
+                          "weights compressed in memory and decode each layer's just before it "
+                          "runs (up to a third less weight memory, at a decoding cost per step)."},
+    )
     preload_grammar: bool = field(
         default=False,
         metadata={"help": "Load the structured-output grammar compiler in the background at "

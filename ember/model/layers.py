@@ -34,6 +34,7 @@ class Linear(nn.Module):
             (out_features, in_features), dtype, device)
         self.bias = empty_parameter((out_features,), dtype, device) if bias else None
         self.packed_weight: torch.Tensor | None = None
+        self.resident_weight = False  # refilled per layer (compress/resident.py): never pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.packed_weight is not None:
@@ -45,7 +46,7 @@ class Linear(nn.Module):
         """Pack a bf16 CPU weight for oneDNN and drop this module's plain copy (a tied
         embedding keeps its own)."""
         weight = self.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or self.resident_weight:
             return False
         if not torch.backends.mkldnn.is_available():
             return False

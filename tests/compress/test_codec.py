@@ -78,6 +78,13 @@ def test_threads_split_large_tensors_the_same(threads):
     assert np.array_equal(enc.words, encode_bf16(bits, threads=1).words)
 
 
+def test_a_huge_tensor_round_trips_across_a_thousand_groups():
+    bits = weights(1000 * GROUP_SYMBOLS + 777, seed=11, scale=3.0)
+    enc = encode_bf16(bits)
+    assert enc.offsets.size == 1001 * 32 + 1
+    assert np.array_equal(decode_bf16(enc), bits)
+
+
 def test_decodes_into_a_strided_parent_view_in_place():
     """The loader decodes straight into a row slice of a fused parameter."""
     fused = torch.zeros(6, 1000, dtype=torch.bfloat16)

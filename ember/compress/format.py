@@ -1,10 +1,13 @@
 """The on-disk format of a compressed model: safetensors files whose compressed tensors are
 stored as their codec pieces (docs/compression.md).
 
-A tensor `NAME` compressed is five uint tensors `NAME::freq`, `NAME::offsets`, `NAME::states`,
-`NAME::words`, `NAME::sign_mantissa`, and an entry in the file's `ember.compression` metadata
+A tensor `NAME` compressed is four tensors: `NAME::freq` (U16), `NAME::offsets` and
+`NAME::states` (U32), and `NAME::payload` (U8: the words, then the sign/mantissa bytes, then a
+zero byte if their number is odd), plus an entry in the file's `ember.compression` metadata
 (JSON: format version, codec constants, per tensor its shape, dtype and xxh3-64 of its bits).
-Tensors that were not worth compressing are stored as they were, under their own names.
+One payload holds a tensor's bulk so that it lies in one piece of the file, and safetensors
+orders same-dtype tensors by name, so the loader reads the file front to back. Tensors that
+were not worth compressing are stored as they were, under their own names.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from safetensors import safe_open
 from ember.compress.codec import (
     GROUP_LANES,
     LANE_STEPS,
+    PADDING_WORDS,
     PROB_BITS,
     CorruptStreamError,
     EncodedBF16,
@@ -32,7 +36,7 @@ METADATA_KEY = "ember.compression"
 FORMAT_VERSION = 1
 CODEC = "bf16-exponent-rans"
 SEPARATOR = "::"
-PARTS = ("freq", "offsets", "states", "words", "sign_mantissa")
+PARTS = ("freq", "offsets", "states", "payload")
 CODEC_CONSTANTS = {"prob_bits": PROB_BITS, "group_lanes": GROUP_LANES, "lane_steps": LANE_STEPS}
 
 
@@ -67,7 +71,24 @@ def _read_ahead(path: Path) -> None:
 
 
 def encoded_tensors(name: str, enc: EncodedBF16) -> dict[str, np.ndarray]:
-    return {f"{name}{SEPARATOR}{part}": getattr(enc, part) for part in PARTS}
+    pad = np.zeros(enc.numel % 2, dtype=np.uint8)  # keeps the next payload's words aligned
+    payload = np.concatenate([enc.words.view(np.uint8), enc.sign_mantissa, pad])
+    return {f"{name}{SEPARATOR}freq": enc.freq, f"{name}{SEPARATOR}offsets": enc.offsets,
+            f"{name}{SEPARATOR}states": enc.states, f"{name}{SEPARATOR}payload": payload}
+
+
+def split_payload(payload: np.ndarray, offsets: np.ndarray,
+                  numel: int) -> tuple[np.ndarray, np.ndarray]:
+    """(words, sign_mantissa) views of a payload; CorruptStreamError if its size is wrong."""
+    num_words = int(offsets[-1]) + PADDING_WORDS if offsets.size else 0
+    expect = 2 * num_words + numel + numel % 2
+    if payload.dtype != np.uint8 or payload.ndim != 1 or payload.size != expect:
+        raise CorruptStreamError(f"payload has {payload.size} bytes, the lane offsets and "
+                                 f"shape make it {expect}")
+    words = payload[: 2 * num_words]
+    if words.ctypes.data % 2:  # not from ember's writer; decode from an aligned copy
+        words = words.copy()
+    return words.view(np.uint16), payload[2 * num_words: 2 * num_words + numel]
 
 
 def file_metadata(entries: dict[str, TensorEntry]) -> dict[str, str]:
@@ -139,8 +160,14 @@ class WeightsFile:
         return self._file.get_slice(name).get_dtype()
 
     def encoded(self, name: str) -> EncodedBF16:
-        parts = {p: self._part(name, p) for p in PARTS}
-        return EncodedBF16(numel=int(np.prod(self.entries[name].shape, dtype=np.int64)), **parts)
+        """The codec pieces of compressed tensor `name` (views of the mapped file)."""
+        numel = int(np.prod(self.entries[name].shape, dtype=np.int64))
+        freq, offsets, states, payload = (self._part(name, p) for p in PARTS)
+        try:
+            words, sign_mantissa = split_payload(payload, offsets, numel)
+        except CorruptStreamError as exc:
+            raise CorruptWeightsError(f"{self.path}: tensor {name!r}: {exc}") from exc
+        return EncodedBF16(numel, freq, offsets, states, words, sign_mantissa)
 
     def _part(self, name: str, part: str) -> np.ndarray:
         try:

@@ -123,7 +123,7 @@ def _uploader(device: torch.device):
 def _own_copy(enc: EncodedBF16) -> EncodedBF16:
     """A copy in ordinary memory (the file's mapping goes when the file is closed)."""
     return EncodedBF16(enc.numel, *(np.array(getattr(enc, part)) for part in (
-        "freq", "offsets", "states", "words", "sign_mantissa")))
+        "freq", "offsets", "states", "words", "sign_mantissa")))  # EncodedBF16's field order
 
 
 def _decoder(device: torch.device):

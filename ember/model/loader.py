@@ -204,10 +204,9 @@ def load_weights(model: DecoderModel, files: list[Path]) -> None:
 
 
 def _copy_tensors(f: WeightsFile, jobs: list[tuple[str, torch.Tensor]]) -> None:
-    """f.copy_into for each (name, dest), the largest first, over all cores: one tensor per
-    thread, so checksums and page faults run in parallel too (ctypes and copy_ release the
-    GIL)."""
-    jobs = sorted(jobs, key=lambda job: -job[1].numel())
+    """f.copy_into for each (name, dest) over all cores: one tensor per thread, so checksums
+    and page faults run in parallel too (ctypes and copy_ release the GIL). Jobs go in name
+    order, which is the file's order, so they follow the kernel's read-ahead."""
     threads = min(default_threads(), len(jobs))
     if threads <= 1:
         for name, dest in jobs:

@@ -107,11 +107,13 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("part", ["words", "sign_mantissa", "states"])
-def test_a_corrupt_file_fails_naming_file_and_tensor(compressed, tmp_path, part):
+@pytest.mark.parametrize("part, where", [("payload", "start"),  # the exponent words
+                                         ("payload", "end"),  # the sign/mantissa bytes
+                                         ("states", "middle"), ("offsets", "middle")])
+def test_a_corrupt_file_fails_naming_file_and_tensor(compressed, tmp_path, part, where):
     out, file, tensor = _copy(compressed, tmp_path)
     begin, end = _data_range(file, f"{tensor}::{part}")
-    _flip(file, (begin + end) // 2)
+    _flip(file, {"start": begin + 3, "end": end - 3, "middle": (begin + end) // 2}[where])
     with pytest.raises(ValueError) as err:
         load_model(out)
     assert file.name in str(err.value) and tensor in str(err.value)

@@ -75,14 +75,15 @@ void ember_rans_pack(const uint16_t *slots, const uint32_t *offsets, int64_t num
 static inline void step16(__m512i *x, __m512i *pos, const uint32_t *table, const uint16_t *words,
                           __m512i limit, const uint8_t *sm, uint16_t *out) {
     const __m512i low12 = _mm512_set1_epi32(PROB_SCALE - 1);
+    /* the next word of every lane, fetched whether needed or not: its address does not depend
+     * on this step's symbol, so the load overlaps the table lookup instead of following it.
+     * Reads 4 bytes at word pos: in bounds because the stream ends with two padding words. */
+    __m512i w = _mm512_i32gather_epi32(_mm512_min_epu32(*pos, limit), (const void *)words, 2);
     __m512i t = _mm512_i32gather_epi32(_mm512_and_si512(*x, low12), (const void *)table, 4);
     __m512i v = _mm512_add_epi32(
         _mm512_mullo_epi32(_mm512_and_si512(t, low12), _mm512_srli_epi32(*x, PROB_BITS)),
         _mm512_and_si512(_mm512_srli_epi32(t, PROB_BITS), low12));
     __mmask16 need = _mm512_cmplt_epu32_mask(v, _mm512_set1_epi32(RANS_L));
-    /* reads 4 bytes at word pos: in bounds because the stream ends with two padding words */
-    __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), need,
-                                            _mm512_min_epu32(*pos, limit), (const void *)words, 2);
     w = _mm512_and_si512(w, _mm512_set1_epi32(0xffff));
     *x = _mm512_mask_or_epi32(v, need, _mm512_slli_epi32(v, 16), w);
     *pos = _mm512_mask_add_epi32(*pos, need, *pos, _mm512_set1_epi32(1));

@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ember.bench.compress.cli import add_compress_bench_parser
+from ember.bench.compress.cli import add_compress_bench_parser, add_resident_bench_parser
 from ember.bench.disagg import add_disagg_parser
 from ember.bench.fleet_sim.cli import add_fleet_sim_parser
 from ember.bench.kv_transfer import add_kv_transfer_parser
@@ -132,6 +132,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_fleet_sim_parser(sub)
     add_kv_transfer_parser(sub)
     add_compress_bench_parser(sub)
+    add_resident_bench_parser(sub)
     return bench
 
 

@@ -77,3 +77,41 @@ def add_compress_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="JSON report (the markdown goes next to it as .md).")
     p.set_defaults(func=cmd_compress_bench)
+
+
+def cmd_resident_bench(args: argparse.Namespace) -> int:
+    from ember.bench.compress.resident import (
+        ResidentBenchConfig,
+        resident_markdown,
+        run_resident_bench,
+    )
+    from ember.model.demo import demo_model_dir
+
+    options = (("device", args.device),) if args.device else ()
+    cfg = ResidentBenchConfig(
+        original=args.model or demo_model_dir(), batch_sizes=tuple(args.batch_sizes),
+        input_len=args.input_len, output_len=args.output_len, repeats=args.repeats,
+        engine_options=options)
+    report = run_resident_bench(cfg)
+    markdown = resident_markdown(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown)
+    print(f"results: {args.out}", file=sys.stderr)
+    return 0
+
+
+def add_resident_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress-resident", help="Throughput cost and memory saved by keeping "
+                       "weights compressed in memory (--keep-weights-compressed) vs the "
+                       "original model, at several batch sizes.")
+    p.add_argument("--model", type=Path, default=None,
+                   help="BF16 model directory (default: the demo model); compressed on the fly.")
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[1, 32, 128], help="Comma-separated batch sizes.")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2, help="Timed runs per batch; best kept.")
+    p.add_argument("--device", default=None, help="Engine device (default: auto).")
+    p.add_argument("--out", type=Path, default=Path("bench-results/compress-resident.json"))
+    p.set_defaults(func=cmd_resident_bench)

@@ -37,10 +37,10 @@ async def _streamed(client, url, i, killed: asyncio.Event, abort: bool,
                              headers={"x-session-affinity": f"s{i}"}) as resp:
         out = Outcome(resp.status_code, resp.headers.get("x-ember-worker"), sent_after_kill)
         async for line in resp.aiter_lines():
-            on_start(out.worker)
             if abort:
                 out.aborted = True
                 return out  # leaving the block closes the connection: the client aborts
+            on_start(out.worker)  # (not for aborting streams: the kill must cut a live one)
             if line.startswith("data: {") and '"error"' in line:
                 out.error = json.loads(line[6:])["error"]["message"]
             elif line == "data: [DONE]":

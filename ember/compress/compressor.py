@@ -74,6 +74,10 @@ def compress_model_dir(src: str | Path, dst: str | Path, min_numel: int = MIN_NU
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"output directory {str(dst)!r} exists and is not empty")
     files = find_weight_files(src)
+    for file in files:
+        with WeightsFile(file) as f:
+            if f.entries:
+                raise ValueError(f"{file} is already compressed by ember compress")
     _copy_other_files(src, dst, set(files))
     report = CompressReport()
     total = sum(f.stat().st_size for f in files)

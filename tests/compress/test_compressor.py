@@ -73,6 +73,12 @@ def test_cli_compresses_and_refuses_a_non_empty_destination(bf16_model, tmp_path
     assert "not empty" in capsys.readouterr().err
 
 
+def test_refuses_an_already_compressed_directory(compressed, tmp_path):
+    with pytest.raises(ValueError, match="already compressed"):
+        compress_model_dir(compressed, tmp_path / "again", progress=False)
+    assert not (tmp_path / "again").exists()
+
+
 def test_fp32_weights_pass_through(tmp_path):
     src = tiny_model_dir(tmp_path / "src")
     report = compress_model_dir(src, tmp_path / "out", min_numel=1024, progress=False)

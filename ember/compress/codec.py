@@ -1,4 +1,4 @@
-"""Encode and decode the exponent byte of BF16 tensors (lane-interleaved rANS, csrc/rans.c).
+"""Encode and decode the exponent byte of BF16 tensors (interleaved rANS, csrc/rans.c).
 
 A BF16 value is sign (1 bit) | exponent (8) | mantissa (7). The exponent byte is entropy-coded
 with one static distribution per tensor; sign and mantissa go into one raw byte
@@ -24,7 +24,7 @@ RANS_L = 1 << 16
 GROUP_LANES = 32
 LANE_STEPS = 2048
 GROUP_SYMBOLS = GROUP_LANES * LANE_STEPS
-PADDING_WORDS = 2  # after the streams, so a vector decoder may read 4 bytes at any word
+PADDING_WORDS = 32  # after the streams: a step may read 32 words past a corrupt stream's end
 
 
 class CorruptStreamError(ValueError):
@@ -35,9 +35,9 @@ class CorruptStreamError(ValueError):
 class EncodedBF16:
     numel: int
     freq: np.ndarray  # uint16 [256], sums to PROB_SCALE
-    offsets: np.ndarray  # uint32 [lanes + 1]: where each lane's words start (and the end)
-    states: np.ndarray  # uint32 [lanes]: each lane's initial decoder state
-    words: np.ndarray  # uint16 [offsets[-1] + 2]: the lanes' streams, then two padding words
+    offsets: np.ndarray  # uint32 [groups + 1]: where each group's words start (and the end)
+    states: np.ndarray  # uint32 [groups * 32]: each lane's initial decoder state
+    words: np.ndarray  # uint16 [offsets[-1] + PADDING_WORDS]: the groups' streams, then zeros
     sign_mantissa: np.ndarray  # uint8 [numel]
 
     @property
@@ -111,33 +111,34 @@ def encode_bf16(bits: np.ndarray, threads: int | None = None) -> EncodedBF16:
     """Encode BF16 bits (uint16 array, any shape) losslessly."""
     bits = np.ascontiguousarray(bits, dtype=np.uint16).ravel()
     numel = bits.size
-    lanes = num_groups(numel) * GROUP_LANES
+    groups = num_groups(numel)
     freq = normalize_freqs(exponent_histogram(bits)) if numel else np.zeros(256, np.uint16)
-    slots = np.empty(lanes * LANE_STEPS, dtype=np.uint16)
-    lens = np.empty(lanes, dtype=np.uint32)
-    states = np.empty(lanes, dtype=np.uint32)
+    slots = np.empty(groups * GROUP_SYMBOLS, dtype=np.uint16)
+    lens = np.empty(groups, dtype=np.uint32)
+    states = np.empty(groups * GROUP_LANES, dtype=np.uint32)
     lib = _lib()
 
     def encode(lo: int, hi: int) -> None:
         lib.ember_rans_encode(bits.ctypes.data, numel, freq.ctypes.data, lo, hi,
-                              slots.ctypes.data, lens[lo:].ctypes.data, states[lo:].ctypes.data)
+                              slots.ctypes.data, lens[lo:].ctypes.data, states.ctypes.data)
 
-    _run_split(encode, lanes, GROUP_LANES, threads)
+    _run_split(encode, groups, 1, threads)
     ends = np.cumsum(lens, dtype=np.int64)
     if ends.size and ends[-1] + PADDING_WORDS > np.iinfo(np.uint32).max:
         raise ValueError(f"a tensor of {numel} elements is too large for one stream (its "
                          "word offsets overflow 32 bits); split it")
     offsets = np.concatenate([[0], ends]).astype(np.uint32)
     words = np.zeros(int(offsets[-1]) + PADDING_WORDS, dtype=np.uint16)
-    lib.ember_rans_pack(slots.ctypes.data, offsets.ctypes.data, lanes, words.ctypes.data)
+    lib.ember_rans_pack(slots.ctypes.data, offsets.ctypes.data, groups, words.ctypes.data)
     return EncodedBF16(numel, freq, offsets, states, words, split_bf16(bits)[1])
 
 
 def check_encoded(enc: EncodedBF16) -> None:
     """CorruptStreamError unless the pieces fit together (so decoding stays in bounds)."""
-    lanes = num_groups(enc.numel) * GROUP_LANES
-    expect = {"freq": (enc.freq, np.uint16, 256), "states": (enc.states, np.uint32, lanes),
-              "offsets": (enc.offsets, np.uint32, lanes + 1),
+    groups = num_groups(enc.numel)
+    expect = {"freq": (enc.freq, np.uint16, 256),
+              "states": (enc.states, np.uint32, groups * GROUP_LANES),
+              "offsets": (enc.offsets, np.uint32, groups + 1),
               "sign_mantissa": (enc.sign_mantissa, np.uint8, enc.numel)}
     for name, (array, dtype, size) in expect.items():
         if array.dtype != dtype or array.ndim != 1 or array.size != size:
@@ -150,7 +151,7 @@ def check_encoded(enc: EncodedBF16) -> None:
         raise CorruptStreamError(f"words should be a uint16 vector of at least {PADDING_WORDS}")
     if enc.offsets[0] != 0 or np.any(np.diff(enc.offsets.astype(np.int64)) < 0) \
             or int(enc.offsets[-1]) + PADDING_WORDS != enc.words.size:
-        raise CorruptStreamError(f"lane offsets are not increasing or do not end "
+        raise CorruptStreamError(f"group offsets are not increasing or do not end "
                                  f"{PADDING_WORDS} words before the end of the word stream")
 
 
@@ -174,9 +175,9 @@ def decode_bf16(enc: EncodedBF16, out: np.ndarray | None = None,
 
     def decode(lo: int, hi: int) -> None:
         code = lib.ember_rans_decode(
-            enc.words.ctypes.data, enc.words.size, enc.offsets.ctypes.data,
-            enc.states.ctypes.data, enc.freq.ctypes.data, enc.sign_mantissa.ctypes.data,
-            enc.numel, lo, hi, out.ctypes.data)
+            enc.words.ctypes.data, enc.offsets.ctypes.data, enc.states.ctypes.data,
+            enc.freq.ctypes.data, enc.sign_mantissa.ctypes.data, enc.numel, lo, hi,
+            out.ctypes.data)
         if code:
             bad.append(-1 - code)
 

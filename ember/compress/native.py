@@ -18,7 +18,7 @@ _SIGNATURES = {
     "ember_exponent_histogram": (None, [_P, _I, _P]),
     "ember_rans_encode": (None, [_P, _I, _P, _I, _I, _P, _P, _P]),
     "ember_rans_pack": (None, [_P, _P, _I, _P]),
-    "ember_rans_decode": (_I, [_P, _I, _P, _P, _P, _P, _I, _I, _I, _P]),
+    "ember_rans_decode": (_I, [_P, _P, _P, _P, _P, _I, _I, _I, _P]),
 }
 
 

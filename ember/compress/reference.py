@@ -1,4 +1,4 @@
-"""The decoder written plainly in numpy, all lanes of a tensor in step: the oracle the C and
+"""The decoder written plainly in numpy, every group of a tensor in step: the oracle the C and
 Triton decoders are tested against, and the fallback where no C compiler is available."""
 
 from __future__ import annotations
@@ -17,40 +17,34 @@ from ember.compress.codec import (
 )
 
 
-def lane_counts(numel: int) -> np.ndarray:
-    """How many symbols each lane owns."""
-    lanes = np.arange(num_groups(numel) * GROUP_LANES, dtype=np.int64)
-    group_n = np.minimum(numel - (lanes // GROUP_LANES) * GROUP_SYMBOLS, GROUP_SYMBOLS)
-    j = lanes % GROUP_LANES
-    return np.where(group_n > j, (group_n - j + GROUP_LANES - 1) // GROUP_LANES, 0)
-
-
 def decode_reference(enc: EncodedBF16) -> np.ndarray:
-    """BF16 bits (flat uint16) of `enc`; CorruptStreamError if a lane ends in the wrong state."""
+    """BF16 bits (flat uint16) of `enc`; CorruptStreamError if a group ends in the wrong
+    state or off the end of its words."""
     if enc.numel == 0:
         return np.empty(0, dtype=np.uint16)
     freq = enc.freq.astype(np.int64)
     cum = np.concatenate([[0], np.cumsum(freq)[:-1]])
     symbol_of_slot = np.repeat(np.arange(256), freq)[:PROB_SCALE]
-    counts = lane_counts(enc.numel)
-    lanes = np.arange(counts.size, dtype=np.int64)
-    first = (lanes // GROUP_LANES) * GROUP_SYMBOLS + lanes % GROUP_LANES
-    x = enc.states.astype(np.int64)
-    pos = enc.offsets[:-1].astype(np.int64)
+    groups = num_groups(enc.numel)
+    first = np.arange(groups, dtype=np.int64)[:, None] * GROUP_SYMBOLS \
+        + np.arange(GROUP_LANES)[None, :]  # [groups, lanes]: each lane's first element
+    x = enc.states.astype(np.int64).reshape(groups, GROUP_LANES)
+    pos = enc.offsets[:-1].astype(np.int64)  # each group's read position
     words = enc.words.astype(np.int64)
-    exponents = np.empty(enc.numel, dtype=np.int64)
-    for k in range(int(counts.max())):
-        live = np.flatnonzero(counts > k)
-        xs = x[live]
-        slot = xs & (PROB_SCALE - 1)
+    exponents = np.zeros(enc.numel, dtype=np.int64)
+    for k in range(-(-min(enc.numel, GROUP_SYMBOLS) // GROUP_LANES)):
+        index = first + k * GROUP_LANES
+        live = index < enc.numel
+        slot = x & (PROB_SCALE - 1)
         sym = symbol_of_slot[slot]
-        xs = freq[sym] * (xs >> PROB_BITS) + slot - cum[sym]
-        need = xs < RANS_L
-        read = np.minimum(pos[live], words.size - 1)
-        xs = np.where(need, (xs << 16) | words[read], xs)
-        pos[live] += need
-        x[live] = xs
-        exponents[first[live] + k * GROUP_LANES] = sym
+        decoded = freq[sym] * (x >> PROB_BITS) + slot - cum[sym]
+        need = live & (decoded < RANS_L)
+        # lanes that renormalise take the group's next words in lane order
+        read = np.minimum(pos[:, None] + np.cumsum(need, axis=1) - need, words.size - 1)
+        decoded = np.where(need, (decoded << 16) | words[read], decoded)
+        x = np.where(live, decoded, x)
+        pos += need.sum(axis=1)
+        exponents[index[live]] = sym[live]
     if np.any(x != RANS_L) or np.any(pos != enc.offsets[1:]):
         raise CorruptStreamError("an exponent stream does not decode to its recorded end state")
     sm = enc.sign_mantissa.astype(np.int64)

@@ -8,8 +8,7 @@
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
-    && defined(__AVX512VBMI2__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #define RANS_AVX512 1
 #endif
@@ -83,8 +82,9 @@ static inline uint16_t join(uint32_t sign_mantissa, uint32_t exponent) {
 }
 
 #ifdef RANS_AVX512
-/* One step of 16 lanes: the scalar loop below, with a gather for the table and an expanding
- * load giving each renormalising lane the next word of the shared stream. */
+/* One step of 16 lanes: the scalar loop below, with a gather for the table and an expand
+ * giving each renormalising lane the next word of the shared stream (16 words are loaded, in
+ * bounds thanks to the padding words; only AVX-512F is needed, no VBMI2). */
 static inline void step16(__m512i *x, const uint16_t **p, const uint32_t *table,
                           const uint8_t *sm, uint16_t *out) {
     const __m512i low12 = _mm512_set1_epi32(PROB_SCALE - 1);
@@ -93,7 +93,8 @@ static inline void step16(__m512i *x, const uint16_t **p, const uint32_t *table,
         _mm512_mullo_epi32(_mm512_and_si512(t, low12), _mm512_srli_epi32(*x, PROB_BITS)),
         _mm512_and_si512(_mm512_srli_epi32(t, PROB_BITS), low12));
     __mmask16 need = _mm512_cmplt_epu32_mask(v, _mm512_set1_epi32(RANS_L));
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_expandloadu_epi16(need, *p));
+    __m512i w = _mm512_maskz_expand_epi32(
+        need, _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)*p)));
     *p += __builtin_popcount(need);
     *x = _mm512_mask_or_epi32(v, need, _mm512_slli_epi32(v, 16), w);
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)sm));

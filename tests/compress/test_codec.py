@@ -160,12 +160,17 @@ def test_the_c_decoder_is_built_here():
     assert load_rans() is not None
 
 
-def test_the_portable_decoder_matches_without_avx512():
-    """Built without -march=native (no AVX-512), rans.c takes its scalar path."""
+@pytest.mark.parametrize("name, flags", [("rans-portable", ["-O2"]),
+                                         ("rans-avx2", ["-O3", "-mavx2", "-mfma"])])
+def test_the_scalar_and_avx2_decoders_match(name, flags):
+    """Built without -march=native, rans.c takes its scalar path or, with AVX2 only, its
+    8-lane vector path (the AVX-512 one is what the other tests run here)."""
     from ember.compress.native import _SIGNATURES, _SOURCE
-    from ember.native import load_c_library
+    from ember.native import cpu_signature, load_c_library
 
-    lib = load_c_library("rans-portable", _SOURCE.read_bytes(), ["-O2", "-fPIC"], ["-shared"])
+    if "avx2" in flags[-1] and " avx2 " not in f" {cpu_signature()} ":
+        pytest.skip("this CPU has no AVX2")
+    lib = load_c_library(name, _SOURCE.read_bytes(), [*flags, "-fPIC"], ["-shared"])
     assert lib is not None
     decode = lib.ember_rans_decode
     decode.restype, decode.argtypes = _SIGNATURES["ember_rans_decode"]

@@ -11,6 +11,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define RANS_AVX512 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define RANS_AVX2 1
 #endif
 
 #define PROB_BITS 12
@@ -123,6 +126,57 @@ static int64_t full_steps(uint32_t *x, const uint16_t **p, const uint16_t *end,
 }
 #endif
 
+#ifdef RANS_AVX2
+/* expand[m][i]: which of the loaded words lane i takes when the lanes in mask m renormalise
+ * (the number of renormalising lanes before it); AVX2 has no expand instruction. */
+static int32_t expand[256][8];
+
+static void build_expand(void) {
+    for (int m = 0; m < 256; m++)
+        for (int i = 0, k = 0; i < 8; i++) {
+            expand[m][i] = k;
+            k += (m >> i) & 1;
+        }
+}
+
+/* One step of 8 lanes (see step16). */
+static inline void step8(__m256i *x, const uint16_t **p, const uint32_t *table,
+                         const uint8_t *sm, uint16_t *out) {
+    const __m256i low12 = _mm256_set1_epi32(PROB_SCALE - 1);
+    __m256i t = _mm256_i32gather_epi32((const int *)table, _mm256_and_si256(*x, low12), 4);
+    __m256i v = _mm256_add_epi32(
+        _mm256_mullo_epi32(_mm256_and_si256(t, low12), _mm256_srli_epi32(*x, PROB_BITS)),
+        _mm256_and_si256(_mm256_srli_epi32(t, PROB_BITS), low12));
+    __m256i need = _mm256_cmpeq_epi32(_mm256_srli_epi32(v, 16), _mm256_setzero_si256());
+    int mask = _mm256_movemask_ps(_mm256_castsi256_ps(need));
+    __m256i loaded = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)*p));
+    __m256i w = _mm256_permutevar8x32_epi32(
+        loaded, _mm256_loadu_si256((const __m256i *)expand[mask]));
+    *p += __builtin_popcount(mask);
+    *x = _mm256_blendv_epi8(v, _mm256_or_si256(_mm256_slli_epi32(v, 16), w), need);
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sm));
+    __m256i bits = _mm256_or_si256(
+        _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 8),
+        _mm256_or_si256(_mm256_slli_epi32(_mm256_srli_epi32(t, 24), 7),
+                        _mm256_and_si256(b, _mm256_set1_epi32(0x7f))));
+    _mm_storeu_si128((__m128i *)out, _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                                      _mm256_extracti128_si256(bits, 1)));
+}
+
+/* The group's full steps, four vectors of 8 lanes (see the AVX-512 full_steps). */
+static int64_t full_steps(uint32_t *x, const uint16_t **p, const uint16_t *end,
+                          const uint32_t *table, const uint8_t *sm, uint16_t *out,
+                          int64_t group_n) {
+    __m256i xv[4];
+    for (int v = 0; v < 4; v++) xv[v] = _mm256_loadu_si256((const __m256i *)(x + 8 * v));
+    int64_t k0 = 0;
+    for (; k0 + GROUP_LANES <= group_n && *p <= end; k0 += GROUP_LANES)
+        for (int v = 0; v < 4; v++) step8(&xv[v], p, table, sm + k0 + 8 * v, out + k0 + 8 * v);
+    for (int v = 0; v < 4; v++) _mm256_storeu_si256((__m256i *)(x + 8 * v), xv[v]);
+    return k0;
+}
+#endif
+
 /* Steps k0.. of one group, lane by lane: the portable path, and a last partial step. */
 static void tail_steps(uint32_t *x, const uint16_t **p, const uint16_t *end,
                        const uint32_t *table, const uint8_t *sm, uint16_t *out, int64_t k0,
@@ -150,13 +204,16 @@ int64_t ember_rans_decode(const uint16_t *words, const uint32_t *offsets, const 
                           int64_t group_hi, uint16_t *out) {
     uint32_t table[PROB_SCALE];
     build_table(freq, table);
+#ifdef RANS_AVX2
+    build_expand();  /* 8 KiB, idempotent: concurrent callers write the same values */
+#endif
     for (int64_t g = group_lo; g < group_hi; g++) {
         const int64_t start = g * GROUP_SYMBOLS, group_n = group_size(n, g);
         const uint16_t *p = words + offsets[g], *end = words + offsets[g + 1];
         uint32_t x[GROUP_LANES];
         memcpy(x, states + g * GROUP_LANES, sizeof(x));
         int64_t k0 = 0;
-#ifdef RANS_AVX512
+#if defined(RANS_AVX512) || defined(RANS_AVX2)
         k0 = full_steps(x, &p, end, table, sm + start, out + start, group_n);
 #endif
         tail_steps(x, &p, end, table, sm + start, out + start, k0, group_n);

@@ -33,10 +33,11 @@ _PROB_BITS = tl.constexpr(PROB_BITS)
 _SLOT_MASK = tl.constexpr(PROB_SCALE - 1)
 _RANS_L = tl.constexpr(RANS_L)
 
-# Lanes per program: whole groups, so a warp's 32 lanes store 32 neighbouring outputs per step.
-# NOTE: decoding is a chain of 2048 dependent steps per lane, so it is latency bound; more lanes
+# Groups per program, one warp each: a warp's 32 lanes store 32 neighbouring outputs per step
+# and share their group's word stream through warp-local scans and gathers.
+# NOTE: decoding is a chain of 2048 dependent steps per lane, so it is latency bound; more groups
 # per program does not make a tensor decode faster, it only packs the warps onto fewer SMs.
-LANES_PER_PROGRAM = 4 * GROUP_LANES
+GROUPS_PER_PROGRAM = 4
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class DeviceEncoded:
 
     numel: int
     table: torch.Tensor  # int32 [PROB_SCALE]: slot -> freq | (slot - cum) << 12 | symbol << 24
-    offsets: torch.Tensor  # int32 (uint32 bits) [lanes + 1]
-    states: torch.Tensor  # int32 (uint32 bits) [lanes]
+    offsets: torch.Tensor  # int32 (uint32 bits) [groups + 1]
+    states: torch.Tensor  # int32 (uint32 bits) [groups * GROUP_LANES]
     words: torch.Tensor  # int16 (uint16 bits) [offsets[-1] + PADDING_WORDS]
     sign_mantissa: torch.Tensor  # uint8 [numel]
 
@@ -86,50 +87,56 @@ def to_device(enc: EncodedBF16, device: torch.device | str) -> DeviceEncoded:
 @triton.jit
 def _rans_decode_kernel(
     words_ptr,  # int16 [num_words]
-    offsets_ptr,  # int32 [num_lanes + 1]
-    states_ptr,  # int32 [num_lanes]
+    offsets_ptr,  # int32 [num_groups + 1]
+    states_ptr,  # int32 [num_groups * GROUP_LANES]
     table_ptr,  # int32 [PROB_SCALE]
     sign_mantissa_ptr,  # uint8 [numel]
     out_ptr,  # int16 [numel]
-    bad_ptr,  # int8 [num_lanes], written only when CHECK
+    bad_ptr,  # int8 [num_groups], written only when CHECK
     numel,
-    num_lanes,
+    num_groups,
     last_word,
-    LANES: tl.constexpr,
+    GROUPS: tl.constexpr,
     CHECK: tl.constexpr,
 ):
-    # Lanes are numbered across groups: lane l is lane l % 32 of group l // 32.
     pid = tl.program_id(0)
-    lanes = pid * LANES + tl.arange(0, LANES)  # [LANES]
-    has_lane = lanes < num_lanes
-    x = tl.load(states_ptr + lanes, mask=has_lane, other=0).to(tl.uint32, bitcast=True)
-    pos = tl.load(offsets_ptr + lanes, mask=has_lane, other=0)
-    pos = pos.to(tl.uint32, bitcast=True).to(tl.int64)
-    first = (lanes // _GROUP_LANES).to(tl.int64) * _GROUP_SYMBOLS + lanes % _GROUP_LANES
+    groups = pid * GROUPS + tl.arange(0, GROUPS)  # [G]
+    has_group = groups < num_groups
+    lane = tl.arange(0, _GROUP_LANES)  # [32]
+    x = tl.load(states_ptr + groups[:, None] * _GROUP_LANES + lane[None, :],
+                mask=has_group[:, None], other=0).to(tl.uint32, bitcast=True)  # [G, 32]
+    pos = tl.load(offsets_ptr + groups[:, None], mask=has_group[:, None], other=0)
+    pos = pos.to(tl.uint32, bitcast=True).to(tl.int64)  # [G, 1]: each group's read position
+    first = groups.to(tl.int64)[:, None] * _GROUP_SYMBOLS + lane[None, :]  # [G, 32]
     # steps of the program's longest lane: fewer than LANE_STEPS only in the last group
-    left = numel - (pid * (LANES // _GROUP_LANES)).to(tl.int64) * _GROUP_SYMBOLS
+    left = numel - (pid * GROUPS).to(tl.int64) * _GROUP_SYMBOLS
     num_steps = tl.minimum(tl.cdiv(left, _GROUP_LANES), _LANE_STEPS)
     for k in range(0, num_steps):
-        idx = first + k * _GROUP_LANES  # [LANES] int64: the symbol each lane decodes now
+        idx = first + k * _GROUP_LANES  # [G, 32] int64: the symbol each lane decodes now
         live = idx < numel
-        # all three loads are issued together: the word is read before it is known to be needed
-        # (clamped into the stream, so corrupt positions stay in bounds)
+        # the 32 words a step may take are read with the other loads, before it is known which
+        # lanes need them (clamped into the stream, so corrupt positions stay in bounds)
         sm = tl.load(sign_mantissa_ptr + idx, mask=live, other=0).to(tl.uint32)
         t = tl.load(table_ptr + (x & _SLOT_MASK).to(tl.int32)).to(tl.uint32, bitcast=True)
-        w = tl.load(words_ptr + tl.minimum(pos, last_word), mask=live, other=0)
-        w = w.to(tl.uint16, bitcast=True).to(tl.uint32)
+        ahead = tl.load(words_ptr + tl.minimum(pos + lane[None, :], last_word))
+        ahead = ahead.to(tl.uint16, bitcast=True).to(tl.uint32)  # [G, 32]
         # freq * (x >> 12) + (slot - cum) < 4096 * 2^20: no uint32 overflow for any state
         v = (t & _SLOT_MASK) * (x >> _PROB_BITS) + ((t >> _PROB_BITS) & _SLOT_MASK)
-        need = live & (v < _RANS_L)
-        x = tl.where(need, (v << 16) | w, tl.where(live, v, x))
-        pos += need.to(tl.int64)
+        need = (live & (v < _RANS_L)).to(tl.int32)
+        # lanes that renormalise take the group's next words in lane order
+        # NOTE: tl.cumsum/tl.sum compile to these same builtins; being jit functions, each of
+        # their calls re-patches triton.language under the interpreter (~1 ms, half a step)
+        taken = tl.associative_scan(need, 1, tl.standard._sum_combine)  # [G, 32] inclusive
+        w = tl.gather(ahead, taken - need, axis=1)
+        x = tl.where(need != 0, (v << 16) | w, tl.where(live, v, x))
+        pos += tl.reduce(need, 1, tl.standard._sum_combine, keep_dims=True)
         bits = ((sm & 0x80) << 8) | ((t >> 24) << 7) | (sm & 0x7F)
         tl.store(out_ptr + idx, bits.to(tl.uint16).to(tl.int16, bitcast=True), mask=live)
     if CHECK:
-        end = tl.load(offsets_ptr + lanes + 1, mask=has_lane, other=0)
+        end = tl.load(offsets_ptr + groups[:, None] + 1, mask=has_group[:, None], other=0)
         end = end.to(tl.uint32, bitcast=True).to(tl.int64)
-        bad = (x != _RANS_L) | (pos != end)
-        tl.store(bad_ptr + lanes, bad.to(tl.int8), mask=has_lane)
+        bad = tl.max(((x != _RANS_L) | (pos != end)).to(tl.int32), axis=1)  # [G]
+        tl.store(bad_ptr + groups, bad.to(tl.int8), mask=has_group)
 
 
 IS_INTERPRETED: bool = not isinstance(_rans_decode_kernel, JITFunction)
@@ -147,16 +154,16 @@ def decode_bf16_triton(enc: DeviceEncoded, out: torch.Tensor, check: bool = True
                          f"(contiguous={out.is_contiguous()})")
     if enc.numel == 0:
         return out
-    num_lanes = num_groups(enc.numel) * GROUP_LANES
-    bad = torch.empty(num_lanes if check else 1, dtype=torch.int8, device=enc.device)
-    grid = (triton.cdiv(num_lanes, LANES_PER_PROGRAM),)
+    groups = num_groups(enc.numel)
+    bad = torch.empty(groups if check else 1, dtype=torch.int8, device=enc.device)
+    grid = (triton.cdiv(groups, GROUPS_PER_PROGRAM),)
     _rans_decode_kernel[grid](
         enc.words, enc.offsets, enc.states, enc.table, enc.sign_mantissa,
-        out.view(-1).view(torch.int16), bad, enc.numel, num_lanes, enc.words.numel() - 1,
-        LANES=LANES_PER_PROGRAM, CHECK=check,
+        out.view(-1).view(torch.int16), bad, enc.numel, groups, enc.words.numel() - 1,
+        GROUPS=GROUPS_PER_PROGRAM, CHECK=check, num_warps=GROUPS_PER_PROGRAM,
     )
     if check:
-        bad_groups = bad.view(-1, GROUP_LANES).any(dim=1).nonzero()  # syncs
+        bad_groups = bad.nonzero()  # syncs
         if bad_groups.numel():
             raise CorruptStreamError(f"the exponent stream of group {int(bad_groups[0])} does "
                                      "not decode to its recorded end state (corrupt data)")

@@ -1,7 +1,7 @@
 """The Triton rANS decoder against the bits that were encoded (and the C/numpy decoders).
 
 Without a GPU the kernel runs in triton's interpreter (conftest.py sets TRITON_INTERPRET=1),
-about 2.5 ms per step of 32-lane groups, so each full group costs seconds: sizes stay few.
+about 4 ms per step, so each program with a full group costs ~8 s: full groups stay few.
 With a GPU the same tests launch on CUDA, plus the `gpu`-marked ones.
 """
 
@@ -52,16 +52,17 @@ def _with(enc: EncodedBF16, **arrays: np.ndarray) -> EncodedBF16:
 
 
 # 4 * GROUP_SYMBOLS + 100: five groups, so a second program whose last group is 4 steps long
-@pytest.mark.parametrize("numel", [0, 1, 31, 33, GROUP_SYMBOLS, GROUP_SYMBOLS + 1,
-                                   4 * GROUP_SYMBOLS + 100])
+# (a full group beside a one-element one: test_every_bit_pattern)
+@pytest.mark.parametrize("numel", [0, 1, 31, 33, 64, 4 * GROUP_SYMBOLS + 100])
 def test_decodes_the_encoded_bits(numel: int) -> None:
     bits = _weight_bits(numel, seed=numel)
     np.testing.assert_array_equal(_decode(encode_bf16(bits)), bits)
 
 
 def test_every_bit_pattern() -> None:
-    """Every exponent, NaNs, infinities, subnormals and -0, shuffled over one full group."""
-    bits = np.random.default_rng(0).permutation(1 << 16).astype(np.uint16)
+    """Every exponent, NaNs, infinities, subnormals and -0, shuffled over one full group; then a
+    second group of one element, whose lanes sit idle for all but one step of the program."""
+    bits = np.append(np.random.default_rng(0).permutation(1 << 16), 0x3F80).astype(np.uint16)
     np.testing.assert_array_equal(_decode(encode_bf16(bits)), bits)
 
 
@@ -115,13 +116,41 @@ def test_rejects_pieces_that_do_not_fit() -> None:
 def test_corrupt_word_raises_naming_its_group() -> None:
     enc = encode_bf16(_weight_bits(3000, seed=4))
     words = enc.words.copy()
-    words[int(enc.offsets[5]) + 1] ^= 0x0101
+    words[int(enc.offsets[1]) // 2] ^= 0x0101
     bad = _with(enc, words=words)
     with pytest.raises(CorruptStreamError):
         decode_reference(bad)
     with pytest.raises(CorruptStreamError, match="group 0 "):
         _decode(bad)
     assert _decode(bad, check=False).size == enc.numel  # no check: wrong values, no error
+
+
+def test_group_ending_off_its_offset_raises() -> None:
+    """Every state ends right, but the group's stream has a word its lanes never read."""
+    enc = encode_bf16(_weight_bits(3000, seed=7))
+    offsets = enc.offsets.copy()
+    offsets[1] += 1
+    bad = _with(enc, offsets=offsets, words=np.insert(enc.words, int(enc.offsets[1]), 0))
+    with pytest.raises(CorruptStreamError):
+        decode_reference(bad)
+    with pytest.raises(CorruptStreamError, match="group 0 "):
+        _decode(bad)
+
+
+def test_corrupt_states_never_read_past_the_words() -> None:
+    """Zero states renormalise every lane at every step, running the read position far past the
+    stream: the reads stay in the stream (its last word), whatever follows it in memory."""
+    enc = encode_bf16(_weight_bits(3000, seed=8))
+    dev = td.to_device(_with(enc, states=np.zeros_like(enc.states)), DEVICE)
+    decoded = []
+    for guard in (0, -1):  # int16 fill of the memory after the words
+        buffer = torch.full((dev.words.numel() + 4096,), guard, dtype=torch.int16, device=DEVICE)
+        buffer[:dev.words.numel()] = dev.words
+        out = torch.empty(enc.numel, dtype=torch.bfloat16, device=DEVICE)
+        td.decode_bf16_triton(dataclasses.replace(dev, words=buffer[:dev.words.numel()]), out,
+                              check=False)
+        decoded.append(out.view(torch.int16).cpu())
+    torch.testing.assert_close(decoded[0], decoded[1], rtol=0, atol=0)
 
 
 def test_corrupt_state_in_a_later_group_raises_naming_it() -> None:

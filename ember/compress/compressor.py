@@ -35,7 +35,7 @@ class TensorReport:
     name: str
     original_bytes: int
     stored_bytes: int
-    bound_bytes: int | None  # raw sign/mantissa + the exponents' entropy; None if not BF16
+    bound_bytes: int | None  # raw bytes + the exponents' entropy; None if not BF16/F32
 
 
 @dataclass
@@ -52,11 +52,11 @@ class CompressReport:
 
     def summary(self) -> str:
         done = [t for t in self.tensors if t.stored_bytes < t.original_bytes]
-        bf16 = [t for t in self.tensors if t.bound_bytes is not None]
-        bound = sum(t.bound_bytes for t in bf16) / max(1, sum(t.original_bytes for t in bf16))
+        coded = [t for t in self.tensors if t.bound_bytes is not None]
+        bound = sum(t.bound_bytes for t in coded) / max(1, sum(t.original_bytes for t in coded))
         return (f"{len(done)} of {len(self.tensors)} tensors compressed: "
                 f"{self.original_bytes / 1e6:.1f} MB -> {self.stored_bytes / 1e6:.1f} MB "
-                f"({1 - self.stored_bytes / max(1, self.original_bytes):.1%} smaller; the BF16 "
+                f"({1 - self.stored_bytes / max(1, self.original_bytes):.1%} smaller; the BF16/F32 "
                 f"tensors' exponent-entropy bound is {1 - bound:.1%} smaller)")
 
 
@@ -122,20 +122,33 @@ def _compress_file(src: Path, dst: Path, min_numel: int, threads: int | None,
 def compress_tensor(name: str, tensor: torch.Tensor, min_numel: int = MIN_NUMEL,
                     threads: int | None = None
                     ) -> tuple[TensorReport, dict[str, torch.Tensor], TensorEntry | None]:
-    """(report, tensors to store, metadata entry or None when stored as it was)."""
-    if tensor.dtype != torch.bfloat16:
+    """(report, tensors to store, metadata entry or None when stored as it was). BF16 and F32
+    tensors have their exponent byte coded; an F32 tensor's low 16 bits are stored raw."""
+    if tensor.dtype not in (torch.bfloat16, torch.float32):
         return TensorReport(name, tensor.nbytes, tensor.nbytes, None), {name: tensor}, None
-    bits = bf16_bits(tensor)
-    bound = bits.size + int(np.ceil(entropy_bits(exponent_histogram(bits)) / 8))
+    high, low = _halves(tensor)
+    raw_bytes = tensor.nbytes - high.size  # everything but the exponent bytes
+    bound = raw_bytes + int(np.ceil(entropy_bits(exponent_histogram(high)) / 8))
     report = TensorReport(name, tensor.nbytes, tensor.nbytes, bound)
     if tensor.dim() < 2 or tensor.numel() < min_numel:
         return report, {name: tensor}, None
-    enc = encode_bf16(bits, threads)
-    if enc.nbytes >= tensor.nbytes:
+    enc = encode_bf16(high, threads)
+    stored = enc.nbytes + (low.nbytes if low is not None else 0)
+    if stored >= tensor.nbytes:
         return report, {name: tensor}, None
-    report.stored_bytes = enc.nbytes
-    pieces = {k: torch.from_numpy(v) for k, v in encoded_tensors(name, enc).items()}
-    return report, pieces, TensorEntry(list(tensor.shape), "BF16", bits_checksum(bits))
+    report.stored_bytes = stored
+    pieces = {k: torch.from_numpy(v) for k, v in encoded_tensors(name, enc, low).items()}
+    dtype = "BF16" if low is None else "F32"
+    return report, pieces, TensorEntry(list(tensor.shape), dtype, bits_checksum(
+        tensor.contiguous().view(torch.int16).numpy()))
+
+
+def _halves(tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """(BF16-like bits, F32 low halves or None): an F32's high 16 bits are laid out as BF16."""
+    if tensor.dtype == torch.bfloat16:
+        return bf16_bits(tensor), None
+    bits = tensor.contiguous().view(torch.int32).numpy().view(np.uint32).reshape(-1)
+    return (bits >> 16).astype(np.uint16), (bits & 0xFFFF).astype(np.uint16)
 
 
 def verify_file(original: Path, compressed: Path) -> None:

@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 CODEC = "bf16-exponent-rans"
 SEPARATOR = "::"
 PARTS = ("freq", "offsets", "states", "payload")
+COMPRESSED_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32}
 CODEC_CONSTANTS = {"prob_bits": PROB_BITS, "group_lanes": GROUP_LANES, "lane_steps": LANE_STEPS}
 
 
@@ -70,25 +71,34 @@ def _read_ahead(path: Path) -> None:
         os.close(fd)
 
 
-def encoded_tensors(name: str, enc: EncodedBF16) -> dict[str, np.ndarray]:
+def encoded_tensors(name: str, enc: EncodedBF16,
+                    low: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The stored pieces of a compressed tensor; `low` holds an F32 tensor's low 16 bits (its
+    high halves are what `enc` encodes, laid out like BF16)."""
     pad = np.zeros(enc.numel % 2, dtype=np.uint8)  # keeps the next payload's words aligned
-    payload = np.concatenate([enc.words.view(np.uint8), enc.sign_mantissa, pad])
+    tail = [low.view(np.uint8)] if low is not None else []
+    payload = np.concatenate([enc.words.view(np.uint8), enc.sign_mantissa, pad, *tail])
     return {f"{name}{SEPARATOR}freq": enc.freq, f"{name}{SEPARATOR}offsets": enc.offsets,
             f"{name}{SEPARATOR}states": enc.states, f"{name}{SEPARATOR}payload": payload}
 
 
-def split_payload(payload: np.ndarray, offsets: np.ndarray,
-                  numel: int) -> tuple[np.ndarray, np.ndarray]:
-    """(words, sign_mantissa) views of a payload; CorruptStreamError if its size is wrong."""
+def split_payload(payload: np.ndarray, offsets: np.ndarray, numel: int, has_low: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(words, sign_mantissa, low halves or None) views of a payload; CorruptStreamError if its
+    size is wrong."""
     num_words = int(offsets[-1]) + PADDING_WORDS if offsets.size else 0
-    expect = 2 * num_words + numel + numel % 2
+    low_at = 2 * num_words + numel + numel % 2
+    expect = low_at + (2 * numel if has_low else 0)
     if payload.dtype != np.uint8 or payload.ndim != 1 or payload.size != expect:
         raise CorruptStreamError(f"payload has {payload.size} bytes, the lane offsets and "
                                  f"shape make it {expect}")
-    words = payload[: 2 * num_words]
-    if words.ctypes.data % 2:  # not from ember's writer; decode from an aligned copy
-        words = words.copy()
-    return words.view(np.uint16), payload[2 * num_words: 2 * num_words + numel]
+    words = _aligned(payload[: 2 * num_words]).view(np.uint16)
+    low = _aligned(payload[low_at:]).view(np.uint16) if has_low else None
+    return words, payload[2 * num_words: 2 * num_words + numel], low
+
+
+def _aligned(part: np.ndarray) -> np.ndarray:
+    return part.copy() if part.ctypes.data % 2 else part  # not from ember's writer: copy
 
 
 def file_metadata(entries: dict[str, TensorEntry]) -> dict[str, str]:
@@ -129,21 +139,23 @@ class WeightsFile:
             return {}
         try:
             body = json.loads(metadata[METADATA_KEY])
-            if body.get("version") != FORMAT_VERSION or body.get("codec") != CODEC:
-                raise CorruptWeightsError(
-                    f"{self.path}: compression format {body.get('codec')!r} version "
-                    f"{body.get('version')!r} is not {CODEC!r} version {FORMAT_VERSION}")
-            for key, value in CODEC_CONSTANTS.items():
-                if body.get(key) != value:
-                    raise CorruptWeightsError(f"{self.path}: codec {key}={body.get(key)!r}, "
-                                              f"this ember reads {value}")
-            return {name: TensorEntry(list(e["shape"]), str(e["dtype"]), str(e["xxh3"]))
-                    for name, e in body["tensors"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, CorruptWeightsError):
-                raise
+            header = {"version": body.get("version"), "codec": body.get("codec"),
+                      **{key: body.get(key) for key in CODEC_CONSTANTS}}
+            entries = {name: TensorEntry(list(e["shape"]), str(e["dtype"]), str(e["xxh3"]))
+                       for name, e in body["tensors"].items()}
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise CorruptWeightsError(f"{self.path}: unreadable {METADATA_KEY} metadata: "
-                                      f"{exc}") from exc
+                                      f"{exc!r}") from exc
+        expected = {"version": FORMAT_VERSION, "codec": CODEC, **CODEC_CONSTANTS}
+        if header != expected:
+            raise CorruptWeightsError(f"{self.path}: compression format {header} is not the "
+                                      f"one this ember reads ({expected})")
+        for name, entry in entries.items():
+            if entry.dtype not in COMPRESSED_DTYPES:
+                raise CorruptWeightsError(f"{self.path}: tensor {name!r} has compressed dtype "
+                                          f"{entry.dtype!r}; this ember reads "
+                                          f"{sorted(COMPRESSED_DTYPES)}")
+        return entries
 
     def keys(self) -> list[str]:
         return sorted([*self._raw, *self.entries])
@@ -159,15 +171,17 @@ class WeightsFile:
             return self.entries[name].dtype
         return self._file.get_slice(name).get_dtype()
 
-    def encoded(self, name: str) -> EncodedBF16:
-        """The codec pieces of compressed tensor `name` (views of the mapped file)."""
+    def encoded(self, name: str) -> tuple[EncodedBF16, np.ndarray | None]:
+        """The codec pieces of compressed tensor `name` (views of the mapped file), and for an
+        F32 tensor its low 16 bits."""
         numel = int(np.prod(self.entries[name].shape, dtype=np.int64))
         freq, offsets, states, payload = (self._part(name, p) for p in PARTS)
         try:
-            words, sign_mantissa = split_payload(payload, offsets, numel)
+            words, sign_mantissa, low = split_payload(payload, offsets, numel,
+                                                      self.entries[name].dtype == "F32")
         except CorruptStreamError as exc:
             raise CorruptWeightsError(f"{self.path}: tensor {name!r}: {exc}") from exc
-        return EncodedBF16(numel, freq, offsets, states, words, sign_mantissa)
+        return EncodedBF16(numel, freq, offsets, states, words, sign_mantissa), low
 
     def _part(self, name: str, part: str) -> np.ndarray:
         try:
@@ -178,19 +192,24 @@ class WeightsFile:
 
     def copy_into(self, name: str, dest: torch.Tensor, threads: int | None = None) -> None:
         """Write tensor `name` into `dest` (decoded in place, by `threads` threads, when dest
-        is contiguous CPU bfloat16; else through a temporary and a cast)."""
+        is contiguous on the CPU in the tensor's own dtype; else through a temporary)."""
         if name not in self.entries:
             dest.copy_(self._file.get_tensor(name))
             return
-        direct = dest.dtype == torch.bfloat16 and dest.device.type == "cpu" \
-            and dest.is_contiguous()
-        target = dest if direct else torch.empty(dest.shape, dtype=torch.bfloat16)
-        bits = target.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+        dtype = COMPRESSED_DTYPES[self.entries[name].dtype]
+        direct = dest.dtype == dtype and dest.device.type == "cpu" and dest.is_contiguous()
+        target = dest if direct else torch.empty(dest.shape, dtype=dtype)
+        halves = target.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+        enc, low = self.encoded(name)
         try:
-            decode_bf16(self.encoded(name), out=bits, threads=threads)
+            if low is None:
+                decode_bf16(enc, out=halves, threads=threads)
+            else:  # little-endian F32: the low half first, then the BF16-like high half
+                halves[1::2] = decode_bf16(enc, threads=threads)
+                halves[0::2] = low
         except CorruptStreamError as exc:
             raise CorruptWeightsError(f"{self.path}: tensor {name!r}: {exc}") from exc
-        if bits_checksum(bits) != self.entries[name].xxh3:
+        if bits_checksum(halves) != self.entries[name].xxh3:
             raise CorruptWeightsError(f"{self.path}: tensor {name!r} decodes to different "
                                       "bits than were compressed (checksum mismatch)")
         if not direct:
@@ -199,7 +218,7 @@ class WeightsFile:
     def get_tensor(self, name: str) -> torch.Tensor:
         if name not in self.entries:
             return self._file.get_tensor(name)
-        out = torch.empty(self.entries[name].shape, dtype=torch.bfloat16)
+        entry = self.entries[name]
+        out = torch.empty(entry.shape, dtype=COMPRESSED_DTYPES[entry.dtype])
         self.copy_into(name, out)
         return out
-

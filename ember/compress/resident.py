@@ -105,8 +105,9 @@ def _collect_pieces(model: DecoderModel, files: list[Path],
                 target = targets.get(normalize_name(name))
                 if target is None or not _LAYER_PARAM.match(target.param):
                     continue
-                if name in f.entries:
-                    found[target.param].append(Piece(to_device(f.encoded(name)), target.index))
+                if name in f.entries and f.entries[name].dtype == "BF16":
+                    encoded, _ = f.encoded(name)
+                    found[target.param].append(Piece(to_device(encoded), target.index))
                 else:
                     raw_params.add(target.param)
     return {name: parts for name, parts in found.items() if name not in raw_params}

@@ -7,13 +7,15 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ember import LLM, SamplingParams
 from ember.cli import main
-from ember.compress.compressor import compress_model_dir, verify_file
-from ember.compress.format import WeightsFile
+from ember.compress.compressor import compress_model_dir, compress_tensor, verify_file
+from ember.compress.format import WeightsFile, file_metadata
 from ember.model.loader import load_model
 from tests.factories import tiny_model_dir
 
@@ -79,12 +81,36 @@ def test_refuses_an_already_compressed_directory(compressed, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
-def test_fp32_weights_pass_through(tmp_path):
+def test_fp32_weights_are_compressed_too(tmp_path):
     src = tiny_model_dir(tmp_path / "src")
     report = compress_model_dir(src, tmp_path / "out", min_numel=1024, progress=False)
-    assert report.stored_bytes == report.original_bytes
-    assert generate(tmp_path / "out", SamplingParams(max_tokens=4, temperature=0.0)) == \
-        generate(src, SamplingParams(max_tokens=4, temperature=0.0))
+    assert report.stored_bytes < 0.95 * report.original_bytes
+    want, _ = load_model(src)
+    got, info = load_model(tmp_path / "out")
+    assert info.dtype == torch.float32
+    for (name, a), (_, b) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2)
+    assert generate(tmp_path / "out", params) == generate(src, params)
+
+
+def test_every_f32_bit_pattern_class_round_trips(tmp_path):
+    """An F32 matrix with NaN payloads, infinities, subnormals and -0 among random values,
+    read back through the file format bit for bit."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, size=(300, 301), dtype=np.uint32)
+    # trained-like exponents (a few binades) so compressing pays; random sign and mantissa
+    bits = (bits & 0x807FFFFF) | (rng.integers(118, 126, bits.shape, dtype=np.uint32) << 23)
+    bits[0, :6] = [0x7FC00001, 0xFF800000, 0x7F800000, 0x00000001, 0x80000000, 0x807FFFFF]
+    tensor = torch.from_numpy(bits.view(np.float32))
+    _, pieces, entry = compress_tensor("w", tensor, min_numel=1)
+    assert entry is not None and entry.dtype == "F32"
+    path = tmp_path / "w.safetensors"
+    save_file(pieces, str(path), metadata=file_metadata({"w": entry}))
+    with WeightsFile(path) as f:
+        got = f.get_tensor("w")
+    assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32),
+                                                      tensor.view(torch.int32))
 
 
 def _data_range(path: Path, tensor: str) -> tuple[int, int]:

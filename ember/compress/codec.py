@@ -50,11 +50,9 @@ def num_groups(numel: int) -> int:
     return -(-numel // GROUP_SYMBOLS)
 
 
-def split_bf16(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(exponent bytes, sign/mantissa bytes) of BF16 bits given as uint16."""
-    exponents = ((bits >> 7) & 0xFF).astype(np.uint8)
-    sign_mantissa = (((bits >> 8) & 0x80) | (bits & 0x7F)).astype(np.uint8)
-    return exponents, sign_mantissa
+def sign_mantissa_bytes(bits: np.ndarray) -> np.ndarray:
+    """sign << 7 | mantissa of each BF16 value given as uint16 bits."""
+    return (((bits >> 8) & 0x80) | (bits & 0x7F)).astype(np.uint8)
 
 
 def exponent_histogram(bits: np.ndarray) -> np.ndarray:
@@ -100,6 +98,12 @@ def entropy_bits(counts: np.ndarray) -> float:
     return float(-(nz * np.log2(nz / total)).sum()) if total else 0.0
 
 
+def entropy_bound_bytes(bits: np.ndarray) -> float:
+    """The least a BF16 tensor (uint16 bits) takes with its exponents coded at their own
+    entropy: one raw sign/mantissa byte per element plus n * H(exponent) / 8."""
+    return bits.size + entropy_bits(exponent_histogram(bits)) / 8
+
+
 def _lib():
     lib = load_rans()
     if lib is None:
@@ -122,7 +126,7 @@ def encode_bf16(bits: np.ndarray, threads: int | None = None) -> EncodedBF16:
         lib.ember_rans_encode(bits.ctypes.data, numel, freq.ctypes.data, lo, hi,
                               slots.ctypes.data, lens[lo:].ctypes.data, states.ctypes.data)
 
-    _run_split(encode, groups, 1, threads)
+    _run_split(encode, groups, threads)
     ends = np.cumsum(lens, dtype=np.int64)
     if ends.size and ends[-1] + PADDING_WORDS > np.iinfo(np.uint32).max:
         raise ValueError(f"a tensor of {numel} elements is too large for one stream (its "
@@ -130,7 +134,7 @@ def encode_bf16(bits: np.ndarray, threads: int | None = None) -> EncodedBF16:
     offsets = np.concatenate([[0], ends]).astype(np.uint32)
     words = np.zeros(int(offsets[-1]) + PADDING_WORDS, dtype=np.uint16)
     lib.ember_rans_pack(slots.ctypes.data, offsets.ctypes.data, groups, words.ctypes.data)
-    return EncodedBF16(numel, freq, offsets, states, words, split_bf16(bits)[1])
+    return EncodedBF16(numel, freq, offsets, states, words, sign_mantissa_bytes(bits))
 
 
 def check_encoded(enc: EncodedBF16) -> None:
@@ -181,7 +185,7 @@ def decode_bf16(enc: EncodedBF16, out: np.ndarray | None = None,
         if code:
             bad.append(-1 - code)
 
-    _run_split(decode, num_groups(enc.numel), 1, threads)
+    _run_split(decode, num_groups(enc.numel), threads)
     if bad:
         raise CorruptStreamError(f"the exponent stream of group {min(bad)} does not decode "
                                  "to its recorded end state (corrupt data)")
@@ -197,15 +201,14 @@ def _executor(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="ember-rans")
 
 
-def _run_split(fn, total: int, unit: int, threads: int | None) -> None:
-    """fn(lo, hi) over [0, total) in up to `threads` contiguous pieces, multiples of `unit`."""
+def _run_split(fn, total: int, threads: int | None) -> None:
+    """fn(lo, hi) over [0, total) groups in up to `threads` contiguous pieces."""
     threads = max(1, threads or default_threads())
-    units = -(-total // unit)
-    pieces = min(threads, units)
+    pieces = min(threads, total)
     if pieces <= 1:
         fn(0, total)
         return
-    per = math.ceil(units / pieces) * unit
+    per = math.ceil(total / pieces)
     bounds = [(lo, min(total, lo + per)) for lo in range(0, total, per)]
     for future in [_executor(threads).submit(fn, lo, hi) for lo, hi in bounds]:
         future.result()

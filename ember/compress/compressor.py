@@ -17,10 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ember.compress.codec import encode_bf16, entropy_bits, exponent_histogram
+from ember.compress.codec import encode_bf16, entropy_bound_bytes
 from ember.compress.format import (
     TensorEntry,
     WeightsFile,
+    as_uint16,
     bits_checksum,
     encoded_tensors,
     file_metadata,
@@ -61,7 +62,8 @@ class CompressReport:
 
 
 def bf16_bits(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    """The bits (flat uint16) of `tensor` rounded to BF16 (as torch's .to() rounds)."""
+    return as_uint16(tensor.to(torch.bfloat16).contiguous())
 
 
 def compress_model_dir(src: str | Path, dst: str | Path, min_numel: int = MIN_NUMEL,
@@ -127,8 +129,7 @@ def compress_tensor(name: str, tensor: torch.Tensor, min_numel: int = MIN_NUMEL,
     if tensor.dtype not in (torch.bfloat16, torch.float32):
         return TensorReport(name, tensor.nbytes, tensor.nbytes, None), {name: tensor}, None
     high, low = _halves(tensor)
-    raw_bytes = tensor.nbytes - high.size  # everything but the exponent bytes
-    bound = raw_bytes + int(np.ceil(entropy_bits(exponent_histogram(high)) / 8))
+    bound = int(np.ceil(entropy_bound_bytes(high))) + (low.nbytes if low is not None else 0)
     report = TensorReport(name, tensor.nbytes, tensor.nbytes, bound)
     if tensor.dim() < 2 or tensor.numel() < min_numel:
         return report, {name: tensor}, None
@@ -140,7 +141,7 @@ def compress_tensor(name: str, tensor: torch.Tensor, min_numel: int = MIN_NUMEL,
     pieces = {k: torch.from_numpy(v) for k, v in encoded_tensors(name, enc, low).items()}
     dtype = "BF16" if low is None else "F32"
     return report, pieces, TensorEntry(list(tensor.shape), dtype, bits_checksum(
-        tensor.contiguous().view(torch.int16).numpy()))
+        as_uint16(tensor.contiguous())))
 
 
 def _halves(tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:

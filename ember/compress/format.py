@@ -52,6 +52,11 @@ class TensorEntry:
     xxh3: str  # hex xxh3-64 of the original tensor's bytes
 
 
+def as_uint16(tensor: torch.Tensor) -> np.ndarray:
+    """A flat uint16 numpy view of a contiguous CPU tensor's bytes (its storage, not a copy)."""
+    return tensor.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+
+
 def bits_checksum(bits: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(bits)).cast("B"))
 
@@ -199,7 +204,7 @@ class WeightsFile:
         dtype = COMPRESSED_DTYPES[self.entries[name].dtype]
         direct = dest.dtype == dtype and dest.device.type == "cpu" and dest.is_contiguous()
         target = dest if direct else torch.empty(dest.shape, dtype=dtype)
-        halves = target.detach().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+        halves = as_uint16(target)
         enc, low = self.encoded(name)
         try:
             if low is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ember.compress.codec import EncodedBF16, decode_bf16
-from ember.compress.format import WeightsFile
+from ember.compress.format import WeightsFile, as_uint16
 from ember.model.decoder import DecoderModel
 from ember.model.weights import checkpoint_targets, normalize_name
 
@@ -123,8 +123,8 @@ def _uploader(device: torch.device):
 
 def _own_copy(enc: EncodedBF16) -> EncodedBF16:
     """A copy in ordinary memory (the file's mapping goes when the file is closed)."""
-    return EncodedBF16(enc.numel, *(np.array(getattr(enc, part)) for part in (
-        "freq", "offsets", "states", "words", "sign_mantissa")))  # EncodedBF16's field order
+    return replace(enc, **{f.name: np.array(getattr(enc, f.name))
+                           for f in fields(enc) if f.name != "numel"})
 
 
 def _decoder(device: torch.device):
@@ -134,8 +134,7 @@ def _decoder(device: torch.device):
         return lambda enc, out: decode_bf16_triton(enc, out, check=False)
 
     def decode_cpu(enc: EncodedBF16, out: torch.Tensor) -> None:
-        bits = out.view(torch.int16).numpy().view(np.uint16).reshape(-1)
-        decode_bf16(enc, out=bits, threads=torch.get_num_threads())
+        decode_bf16(enc, out=as_uint16(out), threads=torch.get_num_threads())
 
     return decode_cpu
 

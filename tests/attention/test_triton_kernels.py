@@ -16,17 +16,15 @@ import torch
 
 from ember.attention.backend import AttentionSpec, BatchLayout, allocate_kv_cache
 from ember.attention.torch_backend import TorchBackend
+from tests.triton_device import needs_compiled_gpu, triton_device
 
 pytest.importorskip("triton")
 
 from ember.attention import triton_kernels as tk  # noqa: E402  (after the triton check)
 from ember.attention.triton_backend import TritonBackend  # noqa: E402
 
-if not tk.IS_INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-DEVICE = torch.device("cpu" if tk.IS_INTERPRETED else "cuda")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tk.IS_INTERPRETED,
-                               reason="needs a CUDA GPU with compiled (not interpreted) kernels")
+DEVICE = triton_device(tk.IS_INTERPRETED)
+needs_gpu = needs_compiled_gpu(tk.IS_INTERPRETED)
 
 
 def _reference(q, keys, values, context_len, spec):

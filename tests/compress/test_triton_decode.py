@@ -22,16 +22,14 @@ from ember.compress.codec import (
     encode_bf16,
 )
 from ember.compress.reference import decode_reference
+from tests.triton_device import needs_compiled_gpu, triton_device
 
 pytest.importorskip("triton")
 
 from ember.compress import triton_decode as td  # noqa: E402  (after the triton check)
 
-if not td.IS_INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-DEVICE = torch.device("cpu" if td.IS_INTERPRETED else "cuda")
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or td.IS_INTERPRETED,
-                               reason="needs a CUDA GPU with compiled (not interpreted) kernels")
+DEVICE = triton_device(td.IS_INTERPRETED)
+needs_gpu = needs_compiled_gpu(td.IS_INTERPRETED)
 
 
 def _weight_bits(numel: int, seed: int = 0) -> np.ndarray:

@@ -32,8 +32,8 @@ class ResidentBenchConfig:
 def weight_memory(cfg: ResidentBenchConfig) -> dict[str, int]:
     """Bytes of layer weights held decoded vs kept compressed (+ the one decoded layer)."""
     model, _ = load_model(cfg.compressed)
+    total = sum(p.nbytes for p in model.parameters())  # the original's: loaded bit for bit
     resident = make_resident(model, find_weight_files(cfg.compressed))
-    total = sum(p.nbytes for p in load_model(cfg.original)[0].parameters())
     return {"model_bytes": total, "layer_bytes": resident.decoded_bytes,
             "layer_bytes_compressed": resident.compressed_bytes,
             "scratch_bytes": resident.scratch_bytes, "saved_bytes": resident.saved_bytes}

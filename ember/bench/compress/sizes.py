@@ -12,7 +12,7 @@ import numpy as np
 
 from ember.bench.compress.competitors import DFloat11Encoder, ZipNNCodec
 from ember.bench.compress.tensors import BenchTensor
-from ember.compress.codec import decode_bf16, encode_bf16, entropy_bits, exponent_histogram
+from ember.compress.codec import decode_bf16, encode_bf16, entropy_bound_bytes
 
 CODECS = ("ember", "zipnn", "dfloat11")
 
@@ -30,11 +30,6 @@ class TensorSizes:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def entropy_bound_bytes(bits: np.ndarray) -> float:
-    """Raw sign/mantissa bytes plus the exponents coded at their own entropy."""
-    return bits.size + entropy_bits(exponent_histogram(bits)) / 8
 
 
 def measure_tensor(tensor: BenchTensor, zipnn: ZipNNCodec | None,

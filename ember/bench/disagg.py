@@ -121,6 +121,8 @@ def _summary(streams: list[RequestResult], longs: list[RequestResult],
 
 
 def _transfer_stats(fleet: Fleet) -> dict[str, float] | None:
+    """The prefill worker's KV writes: GB/s over the writes alone (each decode peer's one-time
+    set-up, mapping its pool, is counted apart) and how many pieces they took."""
     import httpx
 
     for worker in fleet.workers:
@@ -130,7 +132,10 @@ def _transfer_stats(fleet: Fleet) -> dict[str, float] | None:
         sent = values.get("ember:kv_transfer_bytes_total", 0.0)
         if sent > 0:
             seconds = values.get("ember:kv_transfer_seconds_total", 0.0)
-            return {"bytes": sent, "seconds": seconds,
+            segments = values.get("ember:kv_transfer_segments_total", 0.0)
+            return {"bytes": sent, "seconds": seconds, "segments": segments,
+                    "mean_segment_kib": sent / segments / 1024 if segments else None,
+                    "connect_seconds": values.get("ember:kv_transfer_connect_seconds_total"),
                     "gb_s": sent / seconds / 1e9 if seconds else None}
     return None
 
@@ -187,6 +192,13 @@ def disagg_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {run['setup']} | {itl['p50']:.1f} / {itl['p90']:.1f} / "
                      f"{itl['p99']:.1f} | {st['p90']:.0f} | {lt['p50']:.0f} / {lt['p90']:.0f} "
                      f"| {run['output_tok_s']:.1f} | {run['num_errors']} |")
+    transfer = next((r["kv_transfer"] for r in report["runs"] if r.get("kv_transfer")), None)
+    if transfer:
+        lines += ["", f"KV transfer: {transfer['bytes'] / 1e6:.1f} MB in "
+                  f"{transfer['seconds']:.3f} s of writes = {transfer['gb_s'] or 0:.2f} GB/s "
+                  f"(raw {report.get('raw_transfer_gb_s') or 0:.2f} GB/s), "
+                  f"{transfer['segments']:.0f} pieces of {transfer['mean_segment_kib'] or 0:.1f}"
+                  f" KiB on average; peer set-up {transfer['connect_seconds'] or 0:.3f} s"]
     ratios = report.get("ratios") or {}
     if ratios:
         lines.append("")

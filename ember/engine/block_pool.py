@@ -54,7 +54,9 @@ class BlockPool:
     def allocate(self, num: int) -> list[int]:
         if num > len(self._free):
             raise NoFreeBlocksError(f"asked for {num} blocks, {len(self._free)} free")
-        blocks = [self._free.popitem(last=False)[0] for _ in range(num)]
+        # NOTE: the oldest free blocks, in id order: blocks freed together (one sequence's)
+        # come back as runs of consecutive ids, which a KV transfer copies in one piece.
+        blocks = sorted(self._free.popitem(last=False)[0] for _ in range(num))
         for block_id in blocks:
             self._evict(block_id)
             self._ref_counts[block_id] = 1

@@ -352,5 +352,4 @@ class CoreLoop:
             num_preemptions=sched.num_preemptions, num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
             num_pending_prefill_tokens=prefill, num_pending_decode_tokens=decode,
-            kv_transfer_bytes=sender.num_bytes_sent if sender is not None else 0,
-            kv_transfer_seconds=sender.seconds_sending if sender is not None else 0.0)
+            **(sender.stats() if sender is not None else {}))

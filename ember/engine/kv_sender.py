@@ -5,6 +5,7 @@ reported failed; its decode worker never adopts the reservation."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -28,7 +29,17 @@ class KVSender:
         self.kv = kv
         self.num_blocks_sent = 0
         self.num_bytes_sent = 0
-        self.seconds_sending = 0.0
+        self.num_segments_sent = 0
+        self.seconds_sending = 0.0  # writes only
+        self.seconds_connecting = 0.0  # each decode peer's one-time set-up
+        self._connected: set[str] = set()
+
+    def stats(self) -> dict[str, float]:
+        """The sender's counters under EngineCoreStats' field names."""
+        return {"kv_transfer_bytes": self.num_bytes_sent,
+                "kv_transfer_seconds": self.seconds_sending,
+                "kv_transfer_segments": self.num_segments_sent,
+                "kv_transfer_connect_seconds": self.seconds_connecting}
 
     def send_computed_prompts(self, sched: SchedulerOutput) -> list[tuple[str, str]]:
         """Write the KV of every prompt this step finished that has a decode target; returns
@@ -59,8 +70,19 @@ class KVSender:
         if first < len(dst):
             peer_layout = BlockLayout.from_descriptor(target["peer"], self.block_axis)
             segments = self.layout.segments(src[first:], dst[first:], dst=peer_layout)
+            self._connect(target["peer"])
             start = time.perf_counter()
             self.transport.write(target["peer"], segments)
             self.seconds_sending += time.perf_counter() - start
             self.num_blocks_sent += len(dst) - first
             self.num_bytes_sent += int(segments[:, 2].sum()) if len(segments) else 0
+            self.num_segments_sent += len(segments)
+
+    def _connect(self, peer: dict[str, Any]) -> None:
+        key = json.dumps(peer, sort_keys=True)
+        if key in self._connected:
+            return
+        start = time.perf_counter()
+        self.transport.connect(peer)
+        self.seconds_connecting += time.perf_counter() - start
+        self._connected.add(key)

@@ -54,6 +54,11 @@ class _EngineStatsCollector(Collector):
              s.kv_transfer_bytes),
             ("ember:kv_transfer_seconds", "Seconds spent writing KV to decode workers.",
              s.kv_transfer_seconds),
+            ("ember:kv_transfer_segments", "Contiguous pieces those KV writes were made of.",
+             s.kv_transfer_segments),
+            ("ember:kv_transfer_connect_seconds",
+             "Seconds of one-time set-up (pool mapping, handshake) per decode worker.",
+             s.kv_transfer_connect_seconds),
         ):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric(labels, value)

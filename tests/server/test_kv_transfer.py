@@ -59,8 +59,11 @@ def test_greedy_output_matches_colocated(trio, n):
     assert texts == [c["message"]["content"] for c in expected["choices"]]
     assert got.json()["usage"]["completion_tokens"] == 12 * n
     metrics = httpx.get(f"{prefill.url}/metrics", timeout=10).text
-    sent = next(x for x in metrics.splitlines() if x.startswith("ember:kv_transfer_bytes_total"))
-    assert float(sent.rsplit(" ", 1)[1]) > 0
+    values = {line.split(" ", 1)[0].split("{")[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines() if line.startswith("ember:kv_transfer_")}
+    assert values["ember:kv_transfer_bytes_total"] > 0
+    assert values["ember:kv_transfer_segments_total"] >= 1
+    assert values["ember:kv_transfer_connect_seconds_total"] > 0  # the pool was mapped once
 
 
 def test_completions_stream_from_the_decode_worker(trio):

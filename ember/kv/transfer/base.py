@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +32,7 @@ class KVTransport(ABC):
 
     * `register(pool)` once, before `descriptor()` or any write; the pool must stay alive and
       contiguous until `close()`.
+    * `connect(peer)` (optional) pays a peer's one-time set-up before the first write.
     * `write(peer, segments)` copies pool[src:src+n] to peer_pool[dst:dst+n] for each
       (src, dst, n) and returns when all landed, or raises KVTransferError naming the peer
       within `timeout_s`. `write_async` returns a Future completing the same way (done or
@@ -69,6 +71,18 @@ class KVTransport(ABC):
                 "nbytes": pool.numel() * pool.element_size(), "shape": list(pool.shape),
                 "dtype": str(pool.dtype).removeprefix("torch."),
                 "element_size": pool.element_size(), **self._endpoint()}
+
+    def connect(self, peer: dict[str, Any]) -> None:
+        """Set up what writes to `peer` need (a mapping, a handshake) ahead of the first write,
+        so its one-time cost is paid and counted apart from the transfers; idempotent."""
+        self._check(peer, [])
+        # on the writer thread, which owns the per-peer state
+        done = self._executor.submit(self._connect, peer)
+        try:
+            done.result(timeout=self.timeout_s)
+        except FutureTimeout as err:
+            raise KVTransferError(f"{self.name}: connecting to peer {self.peer_name(peer)} "
+                                  f"timed out after {self.timeout_s:g} s") from err
 
     def write(self, peer: dict[str, Any], segments: Segments | list[tuple[int, int, int]]
               ) -> None:
@@ -119,6 +133,10 @@ class KVTransport(ABC):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+    def _connect(self, peer: dict[str, Any]) -> None:
+        """Backends with per-peer set-up do it here; the first write does it otherwise."""
+        return None
 
     def _require_pool(self) -> torch.Tensor:
         if self.pool is None:

@@ -105,6 +105,9 @@ class ShmTransport(KVTransport):
         copy_segments(target.view.ctypes.data + int(peer.get("offset", 0)),
                       self.pool.data_ptr(), segments)
 
+    def _connect(self, peer: dict[str, Any]) -> None:
+        self._target(peer)
+
     def _target(self, peer: dict[str, Any]) -> _MappedPeer:
         key = _peer_key(peer)
         if key not in self._peers:

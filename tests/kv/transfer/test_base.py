@@ -91,6 +91,20 @@ def test_peer_writes_into_this_process(local, peer: Peer) -> None:
                                                               segments))
 
 
+def test_connect_ahead_then_write(local, peer: Peer) -> None:
+    transport, pool = local
+    transport.connect(peer.descriptor)
+    transport.connect(peer.descriptor)  # idempotent
+    src_ids, dst_ids = _random_ids(3, 4)
+    segments = LAYOUT.segments(src_ids, dst_ids)
+    before = peer.pool_bytes()
+    transport.write(peer.descriptor, segments)
+    np.testing.assert_array_equal(peer.pool_bytes(), _expected(before, pool_bytes(pool),
+                                                               segments))
+    with pytest.raises(KVTransferError, match="version 99"):
+        transport.connect({**peer.descriptor, "version": 99})
+
+
 def test_dead_peer_is_a_clear_error_not_a_hang(local, backend: str) -> None:
     transport, _ = local
     segments = LAYOUT.segments([0, 1], [2, 3])

@@ -53,3 +53,20 @@ def test_peer_on_another_host_is_refused() -> None:
         with pytest.raises(KVTransferError, match="not this one"):
             transport.write(elsewhere, [(0, 0, 64)])
     shared.close()
+
+
+def test_connect_maps_the_peer_or_names_it() -> None:
+    shared, other = shared_kv_pool(SHAPE, torch.bfloat16), shared_kv_pool(SHAPE, torch.bfloat16)
+    with make_transport("shm") as transport, make_transport("shm") as receiver:
+        transport.register(shared.tensor)
+        receiver.register(other.tensor)
+        peer = receiver.descriptor()
+        transport.connect(peer)
+        other.tensor.fill_(1.0)  # mapped, not copied: later writes land in the live pool
+        transport.write(peer, [(0, 0, 64)])
+        assert not other.tensor.view(-1)[:32].any() and other.tensor.view(-1)[32:].all()
+        missing = {**peer, "path": "/dev/shm/ember-kv-no-such-pool"}
+        with pytest.raises(KVTransferError, match="cannot map peer.*no-such-pool"):
+            transport.connect(missing)
+    shared.close()
+    other.close()

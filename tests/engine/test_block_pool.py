@@ -1,0 +1,40 @@
+"""BlockPool allocation order: least recently freed first, handed out in id order so blocks
+freed together come back as runs of consecutive ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.engine.block_pool import BlockPool, NoFreeBlocksError
+
+
+def test_fresh_pool_hands_out_consecutive_ids() -> None:
+    pool = BlockPool(16)
+    assert pool.allocate(5) == [0, 1, 2, 3, 4]
+    assert pool.allocate(3) == [5, 6, 7]
+
+
+def test_least_recently_freed_first_in_id_order() -> None:
+    pool = BlockPool(12)
+    first, second = pool.allocate(4), pool.allocate(4)
+    pool.decref(reversed(first))  # a sequence frees its tail first
+    pool.decref(reversed(second))
+    # the never-used blocks 8..11 are oldest, then `first`'s tail to head, then `second`'s
+    assert pool.allocate(6) == [2, 3, 8, 9, 10, 11]
+    assert pool.allocate(6) == [0, 1, 4, 5, 6, 7]
+    assert pool.num_free_blocks == 0
+    with pytest.raises(NoFreeBlocksError, match="asked for 1 blocks, 0 free"):
+        pool.allocate(1)
+
+
+def test_cached_blocks_are_evicted_in_least_recently_freed_order() -> None:
+    pool = BlockPool(4)
+    blocks = pool.allocate(4)
+    for i, block in enumerate(blocks):
+        assert pool.cache_block(block, f"h{i}".encode())
+    pool.decref([3, 2, 1, 0])
+    evicted = []
+    pool.on_evict = lambda block, block_hash: evicted.append(block_hash)
+    assert pool.allocate(2) == [2, 3]
+    assert sorted(evicted) == [b"h2", b"h3"]
+    assert pool.lookup(b"h1") == 1 and pool.lookup(b"h3") is None

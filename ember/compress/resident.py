@@ -4,7 +4,7 @@ holds its compressed bytes plus one decoded layer. On a GPU the Triton decoder d
 CUDA graphs too), on a CPU the C decoder.
 
 A parameter is kept compressed only when every checkpoint tensor that fills it was stored
-compressed; the rest stay ordinary parameters.
+compressed; the rest stay ordinary parameters. The loader never decodes the kept ones.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ember.compress.codec import EncodedBF16, decode_bf16
 from ember.compress.format import WeightsFile, as_uint16
 from ember.model.decoder import DecoderModel
+from ember.model.registry import DecoderConfig
 from ember.model.weights import checkpoint_targets, normalize_name
 
 logger = logging.getLogger(__name__)
@@ -37,31 +39,70 @@ class Piece:
 
 @dataclass
 class ResidentWeights:
-    """What `make_resident` set up; `compressed_bytes` stay in memory in place of
-    `decoded_bytes` (those of all layers), plus `scratch_bytes` for one decoded layer."""
+    """What was set up; `compressed_bytes` stay in memory in place of `decoded_bytes` (those of
+    all layers), plus `scratch_bytes` for one decoded layer."""
 
     compressed_bytes: int = 0
     decoded_bytes: int = 0
     scratch_bytes: int = 0
-    num_params: int = 0
+    param_names: set[str] = field(default_factory=set)  # the decoder parameters kept compressed
     hooks: list = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return len(self.param_names)
 
     @property
     def saved_bytes(self) -> int:
         return self.decoded_bytes - self.compressed_bytes - self.scratch_bytes
 
 
+def new_resident_model(cfg: DecoderConfig, dtype: torch.dtype, device: torch.device | str,
+                       files: list[Path]) -> tuple[DecoderModel, ResidentWeights]:
+    """An unfilled decoder whose fully compressed layer parameters are already the shared
+    buffers, refilled per layer, and never get storage of their own; the loader fills the
+    others and must skip `param_names`. ValueError as `make_resident`."""
+    _check_dtype(dtype)
+    device = torch.device(device)
+    pieces = _pieces_or_error(cfg, files, device)
+    with _EmptyOnMeta():
+        model = DecoderModel(cfg, dtype, device)
+    resident = _install(model, pieces, device)
+    _allocate_meta_params(model, device)
+    return model, resident
+
+
 def make_resident(model: DecoderModel, files: list[Path]) -> ResidentWeights:
-    """Swap every fully compressed layer parameter of `model` (already loaded) for a shared
-    buffer refilled per layer; ValueError if the files hold no compressed layer weights."""
-    if model.dtype != torch.bfloat16:
-        raise ValueError(f"keep_weights_compressed needs dtype bfloat16 (the compressed "
-                         f"weights' own), not {model.dtype}")
+    """Swap every fully compressed layer parameter of `model`, already loaded (every weight
+    decoded once; the bench measures that model), for a shared buffer refilled per layer;
+    ValueError if the files hold no compressed layer weights."""
+    _check_dtype(model.dtype)
     device = next(model.parameters()).device
-    pieces = _collect_pieces(model, files, device)
+    resident = _install(model, _pieces_or_error(model.config, files, device), device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the decoded layers' memory back for the KV cache
+    return resident
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype != torch.bfloat16:
+        raise ValueError(f"keep_weights_compressed needs dtype bfloat16 (the compressed "
+                         f"weights' own), not {dtype}")
+
+
+def _pieces_or_error(cfg: DecoderConfig, files: list[Path],
+                     device: torch.device) -> dict[str, list[Piece]]:
+    pieces = _collect_pieces(cfg, files, device)
     if not pieces:
         raise ValueError("keep_weights_compressed needs a model written by `ember compress` "
                          f"(no compressed layer weights in {files[0].parent})")
+    return pieces
+
+
+def _install(model: DecoderModel, pieces: dict[str, list[Piece]],
+             device: torch.device) -> ResidentWeights:
+    """Point each parameter in `pieces` (loaded or on meta) at the buffer its layer-local name
+    shares across layers, and hook every layer to refill its buffers before it runs."""
     params = dict(model.named_parameters())
     scratch: dict[str, torch.Tensor] = {}
     by_layer: dict[int, list[tuple[torch.Tensor, list[Piece]]]] = defaultdict(list)
@@ -71,19 +112,17 @@ def make_resident(model: DecoderModel, files: list[Path]) -> ResidentWeights:
         old = params[name]
         key = f"{local}:{tuple(old.shape)}"
         if key not in scratch:
-            scratch[key] = torch.empty_like(old)
+            scratch[key] = torch.empty(old.shape, dtype=old.dtype, device=device)
             resident.scratch_bytes += old.nbytes
         _set_param(model, name, scratch[key])
         by_layer[int(layer)].append((scratch[key], parts))
         resident.decoded_bytes += old.nbytes
         resident.compressed_bytes += sum(p.encoded.nbytes for p in parts)
-        resident.num_params += 1
+        resident.param_names.add(name)
     decode = _decoder(device)
     for idx, entries in by_layer.items():
         resident.hooks.append(model.layers[idx].register_forward_pre_hook(
             _refill(entries, decode)))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # hand the decoded layers' memory back for the KV cache
     logger.info("weights kept compressed: %d layer parameters, %.1f MiB in memory instead of "
                 "%.1f MiB (+ %.1f MiB for one decoded layer)", resident.num_params,
                 resident.compressed_bytes / 2**20, resident.decoded_bytes / 2**20,
@@ -91,11 +130,41 @@ def make_resident(model: DecoderModel, files: list[Path]) -> ResidentWeights:
     return resident
 
 
-def _collect_pieces(model: DecoderModel, files: list[Path],
+class _EmptyOnMeta(TorchFunctionMode):
+    """Inside, `torch.empty` makes meta tensors: a decoder built here has no parameter storage
+    (layers.empty_parameter allocates with it), while its buffers, made by other factories,
+    keep their values on the real device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+def _allocate_meta_params(model: nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every parameter still on meta (a tied one stays
+    one parameter); RuntimeError for a buffer left on meta (its values were never computed)."""
+    allocated: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for attr, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in allocated:
+                allocated[id(param)] = nn.Parameter(torch.empty_like(param, device=device),
+                                                    requires_grad=False)
+            setattr(module, attr, allocated[id(param)])
+    lost = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if lost:
+        raise RuntimeError(f"buffer {lost[0]!r} was made by torch.empty while the decoder was "
+                           "built on meta; give it its values with another factory")
+
+
+def _collect_pieces(cfg: DecoderConfig, files: list[Path],
                     device: torch.device) -> dict[str, list[Piece]]:
-    """Decoder parameter name -> its compressed pieces, for layer parameters whose every
-    checkpoint tensor is compressed."""
-    targets = checkpoint_targets(model.config)
+    """Decoder parameter name -> its compressed pieces (not decoded), for layer parameters
+    whose every checkpoint tensor is compressed."""
+    targets = checkpoint_targets(cfg)
     found: dict[str, list[Piece]] = defaultdict(list)
     raw_params: set[str] = set()
     to_device = _uploader(device)

@@ -25,7 +25,7 @@ from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
 from ember.kv.events import KVEventRecorder
 from ember.kv.tiers import KVTiers
-from ember.model.loader import ModelInfo, find_weight_files, load_model
+from ember.model.loader import ModelInfo, load_model
 from ember.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger("ember")
@@ -138,11 +138,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if device.type == "cpu":
         tune_cpu_allocator()
         torch.set_num_threads(config.device.num_threads or os.cpu_count() or 1)
-    model, info = load_model(config.model.model, config.model.dtype, device)
-    if config.model.keep_weights_compressed:
-        from ember.compress.resident import make_resident
-
-        make_resident(model, find_weight_files(Path(config.model.model)))
+    model, info = load_model(config.model.model, config.model.dtype, device,
+                             keep_weights_compressed=config.model.keep_weights_compressed)
     if device.type == "cpu":
         model.prepack_cpu()
     max_model_len = config.model.max_model_len or info.max_position_embeddings

@@ -2,12 +2,13 @@
 
 Reads config.json through transformers, weights only through safetensors (never unpickles), and
 copies each checkpoint tensor straight into its slot of the final, possibly fused, parameter
-(decoding it there when `ember compress` wrote the file).
+(decoding it there when `ember compress` wrote the file), except those kept compressed in memory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ember.compress.codec import default_threads
 from ember.compress.format import WeightsFile
+from ember.compress.resident import new_resident_model
 from ember.model.decoder import DecoderModel
 from ember.model.registry import DecoderConfig, pick_architecture, resolve_config
 from ember.model.weights import checkpoint_targets, normalize_name
@@ -42,17 +44,26 @@ class ModelInfo:
     num_params: int
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto",
-               device: str | torch.device = "cpu") -> tuple[DecoderModel, ModelInfo]:
-    """Build the decoder for `model_dir`, fill it from its safetensors; ValueError if unusable."""
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str | torch.device = "cpu",
+               keep_weights_compressed: bool = False) -> tuple[DecoderModel, ModelInfo]:
+    """Build the decoder for `model_dir`, fill it from its safetensors; ValueError if unusable.
+
+    keep_weights_compressed: layer weights stored compressed stay so in memory
+    (compress/resident.py); they are never decoded here nor given storage of their own.
+    """
     model_dir = _check_dir(model_dir)
     hf_config, architecture = read_config(model_dir)
     cfg = resolve_config(hf_config, architecture)
     files = find_weight_files(model_dir)
     torch_dtype = resolve_dtype(dtype, hf_config, files)
     with torch.no_grad():
-        model = DecoderModel(cfg, torch_dtype, device)
-        load_weights(model, files)
+        skip: Collection[str] = ()
+        if keep_weights_compressed:
+            model, resident = new_resident_model(cfg, torch_dtype, device, files)
+            skip = resident.param_names
+        else:
+            model = DecoderModel(cfg, torch_dtype, device)
+        load_weights(model, files, skip)
     model.eval()
     info = ModelInfo(
         architecture=architecture,
@@ -162,11 +173,12 @@ def _open(file: Path) -> WeightsFile:
     return WeightsFile(file)  # CorruptWeightsError (a ValueError) names the file
 
 
-def load_weights(model: DecoderModel, files: list[Path]) -> None:
+def load_weights(model: DecoderModel, files: list[Path], skip: Collection[str] = ()) -> None:
     """Copy every checkpoint tensor into its (fused) parameter slice; all of them must be there.
 
     A file's tensors are copied (or decoded) by a few threads at once, straight from the mapped
-    file into their slices; casting to the model dtype happens in the copy.
+    file into their slices; casting to the model dtype happens in the copy. The tensors of the
+    parameters in `skip` (kept compressed) are checked like the others but not copied.
     """
     cfg: DecoderConfig = model.config
     targets = checkpoint_targets(cfg)
@@ -192,7 +204,8 @@ def load_weights(model: DecoderModel, files: list[Path]) -> None:
                 if shape != list(dest.shape):
                     raise ValueError(f"{file.name}: tensor {name!r} has shape {shape}, "
                                      f"expected {list(dest.shape)}")
-                jobs.append((name, dest))
+                if target.param not in skip:
+                    jobs.append((name, dest))
                 loaded.update(dict.fromkeys(target.pieces, file.name))
             _copy_tensors(f, jobs)
     missing = [piece for piece, target in targets.items()

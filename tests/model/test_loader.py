@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ember.model.loader import load_model
+from ember.model.loader import find_weight_files, load_model, load_weights
 from tests.factories import tiny_model_dir
 
 
@@ -199,6 +199,25 @@ def test_shape_mismatch(broken_dir):
     _rewrite_weights(broken_dir, shrink)
     with pytest.raises(ValueError, match=r"model.safetensors.*up_proj.weight.*\[100, 64\]"):
         load_model(broken_dir)
+
+
+def test_skipped_params_are_checked_but_not_copied(llama_dir, broken_dir):
+    """What keep_weights_compressed relies on: the loader leaves a skipped parameter alone."""
+    model, _ = load_model(llama_dir)
+    files = find_weight_files(llama_dir)
+    skipped = "layers.0.mlp.gate_up_proj.weight"
+    with torch.no_grad():
+        model.get_parameter(skipped).fill_(7.0)
+        load_weights(model, files, skip={skipped})
+    assert bool((model.get_parameter(skipped) == 7.0).all())
+    _assert_same_weights(model.layers[1], load_model(llama_dir)[0].layers[1])
+
+    def shrink(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 64)
+
+    _rewrite_weights(broken_dir, shrink)
+    with pytest.raises(ValueError, match=r"up_proj.weight.*\[100, 64\]"):
+        load_weights(model, find_weight_files(broken_dir), skip={skipped})
 
 
 def test_unexpected_tensor(broken_dir):

@@ -118,8 +118,12 @@ class _Receiver:
 
 
 def _time_round(transport: KVTransport, peer: dict[str, Any], writes: list[Segments]) -> float:
-    """Seconds to queue `writes` together and have them all land."""
+    """Seconds to have `writes` land: one blocking write (as the prefill worker sends a
+    prompt), or several queued together."""
     start = time.perf_counter()
+    if len(writes) == 1:
+        transport.write(peer, writes[0])
+        return time.perf_counter() - start
     for future in [transport.write_async(peer, segments) for segments in writes]:
         future.result()
     return time.perf_counter() - start

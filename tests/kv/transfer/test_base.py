@@ -81,6 +81,18 @@ def test_layer_by_layer_async_writes(local, peer: Peer) -> None:
     np.testing.assert_array_equal(peer.pool_bytes(), expected)
 
 
+def test_a_blocking_write_lands_after_queued_ones(local, peer: Peer) -> None:
+    transport, pool = local
+    first, last = LAYOUT.segments([0], [5]), LAYOUT.segments([1], [5])  # one destination
+    before = peer.pool_bytes()
+    futures = [transport.write_async(peer.descriptor, first) for _ in range(3)]
+    transport.write(peer.descriptor, last)
+    for future in futures:
+        assert future.done() and future.result() is None
+    expected = _expected(before, pool_bytes(pool), np.concatenate([first, last]))
+    np.testing.assert_array_equal(peer.pool_bytes(), expected)
+
+
 def test_peer_writes_into_this_process(local, peer: Peer) -> None:
     transport, pool = local
     src_ids, dst_ids = _random_ids(2, 5)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ember.bench.raw_probe import RawTransferProbe
 from ember.bench.serve.client import RequestResult, build_payload, send_request
 from ember.bench.serve.datasets import TextBuilder
 from ember.bench.serve.report import latency_stats_ms
@@ -43,8 +44,12 @@ class DisaggBenchConfig:
     # a small step budget (the latency setting for colocated serving): prompts prefill in
     # many short chunks instead of stalling a step for seconds
     max_num_batched_tokens: int = 256
+    # a prefill worker has no decodes to protect: it takes whole prompts per step
+    prefill_max_num_batched_tokens: int = 2048
+    min_remote_prefill_tokens: int | None = None  # the router's default when None
     max_model_len: int = 4096
     kv_transfer_backend: str = "shm"
+    raw_probe_every_s: float = 5.0  # raw-rate samples during each setup's run
     seed: int = 0
 
 
@@ -55,6 +60,10 @@ def _plan(cfg: DisaggBenchConfig, setup: str, log_dir: Path) -> FleetPlan:
                          "--num-threads", "1", "--kv-cache-memory", str(cfg.kv_cache_bytes),
                          "--max-model-len", str(cfg.max_model_len),
                          "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)),
+                     prefill_args=("--max-num-batched-tokens",
+                                   str(cfg.prefill_max_num_batched_tokens)),
+                     router_args=() if cfg.min_remote_prefill_tokens is None else (
+                         "--min-remote-prefill-tokens", str(cfg.min_remote_prefill_tokens)),
                      **counts)
 
 
@@ -145,15 +154,20 @@ def _run_setup(cfg: DisaggBenchConfig, setup: str, builder: TextBuilder,
     fleet = Fleet(_plan(cfg, setup, log_dir / setup))
     url = fleet.start()
     try:
-        summary = asyncio.run(_drive(cfg, url, builder))
+        # both setups carry the probe's few writes, so their latencies stay comparable
+        with RawTransferProbe(cfg.kv_transfer_backend, every_s=cfg.raw_probe_every_s) as probe:
+            summary = asyncio.run(_drive(cfg, url, builder))
+        summary["raw_transfer_gb_s"] = probe.median_gb_s
+        summary["raw_transfer_samples_gb_s"] = probe.samples_gb_s
         summary["kv_transfer"] = _transfer_stats(fleet) if setup == "disaggregated" else None
     finally:
         fleet.stop()
     return {"setup": setup, **summary}
 
 
-def _raw_transfer_gb_s(cfg: DisaggBenchConfig) -> float | None:
-    """The transport's raw rate (one large contiguous write between two processes)."""
+def _quiet_raw_transfer_gb_s(cfg: DisaggBenchConfig) -> float | None:
+    """The transport's raw rate (one large contiguous write between two processes) with no
+    workload running, for reference."""
     from ember.bench.kv_transfer import KVTransferBenchConfig, run_kv_transfer_bench
 
     report = run_kv_transfer_bench(KVTransferBenchConfig(
@@ -170,7 +184,7 @@ def run_disagg_bench(cfg: DisaggBenchConfig, log_dir: Path) -> dict[str, Any]:
     builder = TextBuilder(load_tokenizer(cfg.model_dir))
     runs = [_run_setup(cfg, setup, builder, log_dir) for setup in cfg.setups]
     report: dict[str, Any] = {"config": asdict(cfg), "runs": runs, "machine": machine_info()}
-    report["raw_transfer_gb_s"] = _raw_transfer_gb_s(cfg)
+    report["quiet_raw_transfer_gb_s"] = _quiet_raw_transfer_gb_s(cfg)
     by = {r["setup"]: r for r in runs}
     if set(SETUPS) <= set(by):
         d, c = by["disaggregated"], by["colocated"]
@@ -179,8 +193,8 @@ def run_disagg_bench(cfg: DisaggBenchConfig, log_dir: Path) -> dict[str, Any]:
             "p99_itl": d["stream_itl_ms"]["p99"] / c["stream_itl_ms"]["p99"],
             "throughput": d["output_tok_s"] / c["output_tok_s"]}
         transfer = d.get("kv_transfer") or {}
-        if transfer.get("gb_s") and report["raw_transfer_gb_s"]:
-            report["ratios"]["transfer_of_raw"] = transfer["gb_s"] / report["raw_transfer_gb_s"]
+        if transfer.get("gb_s") and d.get("raw_transfer_gb_s"):
+            report["ratios"]["transfer_of_raw"] = transfer["gb_s"] / d["raw_transfer_gb_s"]
     return report
 
 
@@ -192,11 +206,13 @@ def disagg_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {run['setup']} | {itl['p50']:.1f} / {itl['p90']:.1f} / "
                      f"{itl['p99']:.1f} | {st['p90']:.0f} | {lt['p50']:.0f} / {lt['p90']:.0f} "
                      f"| {run['output_tok_s']:.1f} | {run['num_errors']} |")
-    transfer = next((r["kv_transfer"] for r in report["runs"] if r.get("kv_transfer")), None)
-    if transfer:
+    run = next((r for r in report["runs"] if r.get("kv_transfer")), None)
+    if run:
+        transfer = run["kv_transfer"]
         lines += ["", f"KV transfer: {transfer['bytes'] / 1e6:.1f} MB in "
                   f"{transfer['seconds']:.3f} s of writes = {transfer['gb_s'] or 0:.2f} GB/s "
-                  f"(raw {report.get('raw_transfer_gb_s') or 0:.2f} GB/s), "
+                  f"(raw, sampled during the run: {run.get('raw_transfer_gb_s') or 0:.2f} GB/s; "
+                  f"on the quiet machine: {report.get('quiet_raw_transfer_gb_s') or 0:.2f}), "
                   f"{transfer['segments']:.0f} pieces of {transfer['mean_segment_kib'] or 0:.1f}"
                   f" KiB on average; peer set-up {transfer['connect_seconds'] or 0:.3f} s"]
     ratios = report.get("ratios") or {}
@@ -218,7 +234,12 @@ def add_disagg_parser(sub: Any) -> None:
     db.add_argument("--burst-every-s", type=float, default=8.0)
     db.add_argument("--burst-size", type=int, default=2)
     db.add_argument("--max-num-batched-tokens", type=int, default=256,
-                    help="Every worker's step budget.")
+                    help="Step budget of colocated and decode workers.")
+    db.add_argument("--prefill-max-num-batched-tokens", type=int, default=2048,
+                    help="Step budget of prefill workers.")
+    db.add_argument("--min-remote-prefill-tokens", type=int, default=None,
+                    help="Router: shorter uncached prompts prefill on their decode worker "
+                         "(default: the router's).")
     db.add_argument("--kv-transfer-backend", default="shm", choices=("shm", "mooncake"))
     db.add_argument("--out", type=Path, default=Path("benchmarks/disagg"))
     db.set_defaults(func=_cmd_disagg)
@@ -234,6 +255,8 @@ def _cmd_disagg(args: Any) -> int:
         num_streams=args.num_streams, long_prompt_tokens=args.long_prompt_tokens,
         burst_every_s=args.burst_every_s, burst_size=args.burst_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_max_num_batched_tokens=args.prefill_max_num_batched_tokens,
+        min_remote_prefill_tokens=args.min_remote_prefill_tokens,
         kv_transfer_backend=args.kv_transfer_backend)
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_disagg_bench(cfg, args.out / "logs")

@@ -89,7 +89,9 @@ def _digest(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> str:
     return h.hexdigest()
 
 
-class _Receiver:
+class Receiver:
+    """A peer process holding a registered pool of `nbytes` (zeroed), for writes to land in."""
+
     def __init__(self, backend: str, nbytes: int, timeout_s: float) -> None:
         ctx = mp.get_context("forkserver")  # children start clean (no engine) and quickly
         ctx.set_forkserver_preload([__name__])
@@ -143,7 +145,7 @@ def _block_ids(cfg: KVTransferBenchConfig, pattern: str) -> tuple[np.ndarray, np
             rng.choice(cfg.num_blocks, num, replace=False))
 
 
-def _bench_pattern(cfg: KVTransferBenchConfig, transport: KVTransport, receiver: _Receiver,
+def _bench_pattern(cfg: KVTransferBenchConfig, transport: KVTransport, receiver: Receiver,
                    local: np.ndarray, layout_name: str, pattern: str) -> dict[str, Any]:
     """Raw, whole-prompt and layer-by-layer writes in turn, each round after an untimed one, so
     every ratio compares measurements taken moments apart on a shared machine."""
@@ -174,7 +176,7 @@ def _bench_pattern(cfg: KVTransferBenchConfig, transport: KVTransport, receiver:
 
 
 def _bench_backend(cfg: KVTransferBenchConfig, backend: str) -> dict[str, Any]:
-    receiver = _Receiver(backend, cfg.pool_bytes, cfg.timeout_s)
+    receiver = Receiver(backend, cfg.pool_bytes, cfg.timeout_s)
     transport = make_transport(backend, timeout_s=cfg.timeout_s)
     local = torch.randint(0, 256, (cfg.pool_bytes,), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(cfg.seed))

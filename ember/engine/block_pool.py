@@ -14,6 +14,10 @@ from collections.abc import Callable, Iterable
 from ember.engine.block_hash import BlockHash
 from ember.kv.events import KVEventRecorder
 
+# Allocations of at least this many blocks (prompts, whose KV may be transferred) are taken
+# as runs of consecutive ids; smaller ones strictly least recently freed first.
+RUN_MIN_BLOCKS = 8
+
 
 class NoFreeBlocksError(RuntimeError):
     pass
@@ -54,13 +58,31 @@ class BlockPool:
     def allocate(self, num: int) -> list[int]:
         if num > len(self._free):
             raise NoFreeBlocksError(f"asked for {num} blocks, {len(self._free)} free")
-        # NOTE: the oldest free blocks, in id order: blocks freed together (one sequence's)
-        # come back as runs of consecutive ids, which a KV transfer copies in one piece.
-        blocks = sorted(self._free.popitem(last=False)[0] for _ in range(num))
+        blocks = self._take_runs(num) if num >= RUN_MIN_BLOCKS else \
+            [self._free.popitem(last=False)[0] for _ in range(num)]
+        blocks.sort()
         for block_id in blocks:
             self._evict(block_id)
             self._ref_counts[block_id] = 1
         return blocks
+
+    def _take_runs(self, num: int) -> list[int]:
+        """`num` free blocks as runs of consecutive ids: the free run around the least
+        recently freed block (from as far below it as still reaches it), then the run
+        around the next one. A KV
+        transfer copies a run in one piece per row instead of one per block; the price is
+        evicting a run's younger cached blocks a little before their turn."""
+        taken: list[int] = []
+        while len(taken) < num:
+            block_id = next(iter(self._free))
+            lowest = max(block_id - (num - len(taken)) + 1, 0)  # the run still ends at it
+            while block_id > lowest and block_id - 1 in self._free:
+                block_id -= 1
+            while block_id in self._free and len(taken) < num:
+                del self._free[block_id]
+                taken.append(block_id)
+                block_id += 1
+        return taken
 
     def _evict(self, block_id: int) -> None:
         block_hash = self._hash_of[block_id]

@@ -31,6 +31,8 @@ class FleetPlan:
     port: int = 8000
     kv_transfer_backend: str = "shm"
     worker_args: tuple[str, ...] = ()  # engine options passed to every worker
+    prefill_args: tuple[str, ...] = ()  # ... then to prefill workers (later options win)
+    router_args: tuple[str, ...] = ()  # router options
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ember-up-")))
 
     def validate(self) -> None:
@@ -59,6 +61,8 @@ def worker_launch(plan: FleetPlan, index: int, role: str) -> ServerLaunch:
     argv = [sys.executable, "-m", "ember.cli", "serve", "--model", plan.model,
             "--served-model-name", plan.served_model_name, "--role", role,
             "--kv-events-endpoint", f"tcp://127.0.0.1:{free_port()}", *plan.worker_args]
+    if role == "prefill":
+        argv += plan.prefill_args
     if "--num-threads" not in plan.worker_args:
         argv += ["--num-threads", str(_threads_each(plan))]
     if role != "both":
@@ -68,7 +72,8 @@ def worker_launch(plan: FleetPlan, index: int, role: str) -> ServerLaunch:
 
 
 def router_launch(plan: FleetPlan, worker_urls: list[str]) -> ServerLaunch:
-    argv = [sys.executable, "-m", "ember.cli", "router", "--model", plan.model]
+    argv = [sys.executable, "-m", "ember.cli", "router", "--model", plan.model,
+            *plan.router_args]
     for url in worker_urls:
         argv += ["--worker", url]
     return ServerLaunch("router", tuple(argv), start_timeout_s=120)

@@ -27,10 +27,13 @@ def test_markdown_reports_transfer_pieces_and_setup_apart() -> None:
     run = _summary([_result(0, [0.01] * 4, 5)], [_result(1, [], 1)], elapsed=1.0)
     transfer = {"bytes": 8e6, "seconds": 0.002, "segments": 64.0, "mean_segment_kib": 122.1,
                 "connect_seconds": 0.03, "gb_s": 4.0}
-    report = {"runs": [{"setup": "disaggregated", **run, "kv_transfer": transfer},
+    report = {"runs": [{"setup": "disaggregated", **run, "kv_transfer": transfer,
+                        "raw_transfer_gb_s": 8.0},
                        {"setup": "colocated", **run, "kv_transfer": None}],
-              "raw_transfer_gb_s": 8.0, "ratios": {"p90_itl": 1.0, "transfer_of_raw": 0.5}}
+              "quiet_raw_transfer_gb_s": 9.0,
+              "ratios": {"p90_itl": 1.0, "transfer_of_raw": 0.5}}
     text = disagg_markdown(report)
     assert "| disaggregated | 10.0 / 10.0 / 10.0 |" in text
-    assert "4.00 GB/s (raw 8.00 GB/s), 64 pieces of 122.1 KiB" in text
+    assert "4.00 GB/s (raw, sampled during the run: 8.00 GB/s; on the quiet machine: 9.00)" in text
+    assert "64 pieces of 122.1 KiB" in text
     assert "peer set-up 0.030 s" in text and "transfer_of_raw 0.50" in text

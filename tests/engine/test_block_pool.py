@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ember.engine.block_pool import BlockPool, NoFreeBlocksError
+from ember.engine.block_pool import RUN_MIN_BLOCKS, BlockPool, NoFreeBlocksError
 
 
 def test_fresh_pool_hands_out_consecutive_ids() -> None:
@@ -38,3 +38,27 @@ def test_cached_blocks_are_evicted_in_least_recently_freed_order() -> None:
     assert pool.allocate(2) == [2, 3]
     assert sorted(evicted) == [b"h2", b"h3"]
     assert pool.lookup(b"h1") == 1 and pool.lookup(b"h3") is None
+
+
+def test_large_allocations_take_runs_of_consecutive_ids() -> None:
+    pool = BlockPool(24)
+    streams: list[list[int]] = [[], [], []]
+    for _ in range(8):  # three sequences growing a block at a time: interleaved ids
+        for table in streams:
+            table += pool.allocate(1)
+    pool.decref(reversed(streams[0]))
+    pool.decref(reversed(streams[1]))
+    assert RUN_MIN_BLOCKS <= 8
+    # the 8 least recently freed are streams[0]'s (every third id, no two adjacent); their
+    # free successors from streams[1] come along instead, in pairs
+    assert pool.allocate(8) == [12, 13, 15, 16, 18, 19, 21, 22]
+    assert pool.allocate(4) == [0, 3, 6, 9]  # small: strictly least recently freed
+
+
+def test_a_run_reaches_down_to_take_the_least_recently_freed_block() -> None:
+    pool = BlockPool(20)
+    held = pool.allocate(20)
+    pool.decref([held[12]])  # oldest of the freed
+    pool.decref(held[:12])
+    # the run ends at block 12, reaching down as far as the request allows
+    assert pool.allocate(8) == list(range(5, 13))

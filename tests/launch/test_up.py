@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from ember.launch.up import Fleet, FleetPlan
+from ember.launch.up import Fleet, FleetPlan, router_launch, worker_launch
 from tests.factories import tiny_model_dir
 
 FLAGS = ("--max-model-len", "1024", "--kv-cache-memory", str(4 << 20), "--num-threads", "1")
@@ -41,3 +41,17 @@ def test_a_disaggregated_fleet_serves_and_stops(tmp_path):
 def test_bad_plans_are_refused(counts, message):
     with pytest.raises(ValueError, match=message):
         FleetPlan("model", "name", **counts).validate()
+
+
+def test_prefill_and_router_options_reach_only_their_processes(tmp_path):
+    plan = FleetPlan("model", "name", prefill=1, decode=1, log_dir=tmp_path,
+                     worker_args=("--max-num-batched-tokens", "64"),
+                     prefill_args=("--max-num-batched-tokens", "2048"),
+                     router_args=("--min-remote-prefill-tokens", "0"))
+    prefill, decode = worker_launch(plan, 0, "prefill").argv, worker_launch(plan, 1, "decode").argv
+    # argparse keeps the last occurrence: the prefill worker's own budget wins
+    assert "2048" in prefill and "2048" not in decode
+    assert prefill.index("2048") > prefill.index("64")
+    router = router_launch(plan, ["http://127.0.0.1:1"]).argv
+    assert router[router.index("--min-remote-prefill-tokens") + 1] == "0"
+    assert "--min-remote-prefill-tokens" not in prefill

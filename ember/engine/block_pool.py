@@ -17,6 +17,9 @@ from ember.kv.events import KVEventRecorder
 # Allocations of at least this many blocks (prompts, whose KV may be transferred) are taken
 # as runs of consecutive ids; smaller ones strictly least recently freed first.
 RUN_MIN_BLOCKS = 8
+# A run may take a cached block this many times the allocation's size younger (in frees)
+# than the least recently freed one: eviction stays least recently freed first within that.
+RUN_SLACK_FACTOR = 4
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -31,6 +34,9 @@ class BlockPool:
         # NOTE: insertion order is eviction order: allocation takes the oldest free block.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_counts = [0] * num_blocks
+        # when each block was last freed (a count of frees; never-used blocks before all)
+        self._freed_at = list(range(-num_blocks, 0))
+        self._num_frees = 0
         self._hash_of: list[BlockHash | None] = [None] * num_blocks
         self._cached: dict[BlockHash, int] = {}
         self.on_evict: Callable[[int, BlockHash], None] | None = None  # before reuse
@@ -67,22 +73,26 @@ class BlockPool:
         return blocks
 
     def _take_runs(self, num: int) -> list[int]:
-        """`num` free blocks as runs of consecutive ids: the free run around the least
-        recently freed block (from as far below it as still reaches it), then the run
-        around the next one. A KV
-        transfer copies a run in one piece per row instead of one per block; the price is
-        evicting a run's younger cached blocks a little before their turn."""
+        """`num` free blocks as runs of consecutive ids: from the least recently freed block
+        up while its successors are free and worth nothing cached (no hash) or about as old
+        (at most RUN_SLACK_FACTOR * num frees younger); then from the next least recently
+        freed. A KV transfer copies a run in one piece per row instead of one per block."""
         taken: list[int] = []
         while len(taken) < num:
-            block_id = next(iter(self._free))
-            lowest = max(block_id - (num - len(taken)) + 1, 0)  # the run still ends at it
-            while block_id > lowest and block_id - 1 in self._free:
-                block_id -= 1
-            while block_id in self._free and len(taken) < num:
+            start = next(iter(self._free))
+            limit = self._freed_at[start] + RUN_SLACK_FACTOR * num
+            del self._free[start]
+            taken.append(start)
+            block_id = start + 1
+            while len(taken) < num and self._joins_run(block_id, limit):
                 del self._free[block_id]
                 taken.append(block_id)
                 block_id += 1
         return taken
+
+    def _joins_run(self, block_id: int, limit: int) -> bool:
+        return block_id in self._free and (self._hash_of[block_id] is None
+                                           or self._freed_at[block_id] <= limit)
 
     def _evict(self, block_id: int) -> None:
         block_hash = self._hash_of[block_id]
@@ -109,6 +119,8 @@ class BlockPool:
             self._ref_counts[block_id] = count
             if count == 0:
                 self._free[block_id] = None
+                self._freed_at[block_id] = self._num_frees
+                self._num_frees += 1
 
     # ---- the prefix cache ----------------------------------------------------------------
 

@@ -55,10 +55,37 @@ def test_large_allocations_take_runs_of_consecutive_ids() -> None:
     assert pool.allocate(4) == [0, 3, 6, 9]  # small: strictly least recently freed
 
 
-def test_a_run_reaches_down_to_take_the_least_recently_freed_block() -> None:
-    pool = BlockPool(20)
-    held = pool.allocate(20)
-    pool.decref([held[12]])  # oldest of the freed
-    pool.decref(held[:12])
-    # the run ends at block 12, reaching down as far as the request allows
-    assert pool.allocate(8) == list(range(5, 13))
+def test_runs_never_evict_a_recently_freed_cached_block_early() -> None:
+    pool = BlockPool(64)
+    prompt = pool.allocate(7)
+    for i, block in enumerate(prompt):
+        pool.cache_block(block, f"p{i}".encode())
+    pool.decref(reversed(prompt))
+    # never-used blocks are older: the next prompt runs over them, not over the cached ones
+    assert pool.allocate(8) == list(range(7, 15))
+    assert all(pool.lookup(f"p{i}".encode()) == i for i in range(7))
+
+
+def test_runs_take_cached_neighbours_only_about_as_old() -> None:
+    pool = BlockPool(32)
+    blocks = pool.allocate(32)
+    for block in blocks:
+        pool.cache_block(block, f"b{block}".encode())
+    pool.decref([0, 8])  # the two oldest
+    pool.decref(range(1, 8))  # 1..7: within 4 * 8 frees of block 0
+    pool.decref(range(9, 32))
+    taken = pool.allocate(8)
+    assert taken == list(range(8))  # block 0's run, not strictly 0, 8, 1, 2, ...
+    assert pool.lookup(b"b8") == 8  # still cached: only the run's blocks were evicted
+
+
+def test_runs_skip_cached_neighbours_much_younger() -> None:
+    pool = BlockPool(64)
+    blocks = pool.allocate(64)
+    for block in blocks:
+        pool.cache_block(block, f"b{block}".encode())
+    pool.decref([0])
+    pool.decref(range(20, 64))  # 44 frees
+    pool.decref(range(1, 20))  # block 1 is 45 frees younger than block 0: more than 4 * 8
+    assert pool.allocate(8) == [0, 20, 21, 22, 23, 24, 25, 26]
+    assert pool.lookup(b"b1") == 1

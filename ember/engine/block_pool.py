@@ -2,7 +2,8 @@
 map of block hash -> block. Pure Python.
 
 A block whose last reference goes keeps its hash and contents ("cached, free") until it is
-handed out again, least recently freed first; a hit takes it back out of the free queue.
+handed out again, least recently freed first (a prompt-sized allocation as runs of consecutive
+ids, see `_take_runs`); a hit takes it back out of the free queue.
 It knows nothing of sequences; the KVCacheManager decides who holds which block.
 """
 

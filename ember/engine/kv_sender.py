@@ -5,7 +5,6 @@ reported failed; its decode worker never adopts the reservation."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -32,7 +31,7 @@ class KVSender:
         self.num_segments_sent = 0
         self.seconds_sending = 0.0  # writes only
         self.seconds_connecting = 0.0  # each decode peer's one-time set-up
-        self._connected: set[str] = set()
+        self._connected: set[str] = set()  # peers by the transport's name for them
 
     def stats(self) -> dict[str, float]:
         """The sender's counters under EngineCoreStats' field names."""
@@ -79,10 +78,11 @@ class KVSender:
             self.num_segments_sent += len(segments)
 
     def _connect(self, peer: dict[str, Any]) -> None:
-        key = json.dumps(peer, sort_keys=True)
-        if key in self._connected:
+        """Pay a new peer's set-up once, timed apart from the writes (a write would do it)."""
+        name = self.transport.peer_name(peer)
+        if name in self._connected:
             return
         start = time.perf_counter()
         self.transport.connect(peer)
         self.seconds_connecting += time.perf_counter() - start
-        self._connected.add(key)
+        self._connected.add(name)

@@ -88,6 +88,21 @@ def test_greedy_outputs_match_a_colocated_core(cores, n):
         assert pool.num_free_blocks == pool.num_blocks  # nothing leaked on either side
 
 
+def test_a_decode_worker_is_connected_once(cores, monkeypatch):
+    colocated, prefill, decode = cores
+    transport = prefill.kv_sender.transport
+    calls = []
+    connect = transport.connect
+    monkeypatch.setattr(transport, "connect", lambda peer: (calls.append(peer), connect(peer)))
+    prefill.kv_sender._connected.clear()  # as a freshly started prefill worker
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        got = _disaggregated(prefill, decode, f"once{i}", prompt, params)
+        assert got == _run(colocated, EngineCoreRequest(f"once-c{i}", prompt, params, 0.0))
+    assert len(calls) == 1 and calls[0]["pid"] == decode.transport.descriptor()["pid"]
+    assert prefill.kv_sender.seconds_connecting > 0
+
+
 def test_a_decode_prefix_hit_is_not_sent_and_still_matches(cores):
     colocated, prefill, decode = cores
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -64,6 +64,7 @@ void copy_segments(char *dst, const char *src, const int64_t *segments, int64_t 
 }
 """
 
+
 def copy_segments(dst_base: int, src_base: int, segments: Segments) -> None:
     """memcpy(dst_base + dst, src_base + src, n) for each row (src, dst, n); releases the GIL."""
     if len(segments) == 0:

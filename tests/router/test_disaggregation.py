@@ -33,6 +33,12 @@ def _counter(router, decision: str) -> float:
                 0.0)
 
 
+def _prefix_hits(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+               if x.startswith("ember:prefix_cache_hits_total"))
+
+
 def _kv_usage(server) -> float:
     return httpx.get(f"{server.url}/load", timeout=10).json()["kv_usage"]
 
@@ -64,7 +70,7 @@ def fleet(model_dir):
 
 def test_greedy_output_matches_colocated(fleet):
     router, both, prefill, decode = fleet
-    remote = _counter(router, "remote")
+    remote, hits = _counter(router, "remote"), _prefix_hits(prefill)
     for user, n in (("first question", 1), ("second question", 2), ("first question", 1)):
         expected = _chat(both.url, user, n=n).json()
         got = _chat(router.url, user, n=n)
@@ -73,6 +79,7 @@ def test_greedy_output_matches_colocated(fleet):
         assert [c["message"]["content"] for c in got.json()["choices"]] == \
             [c["message"]["content"] for c in expected["choices"]]
     assert _counter(router, "remote") == remote + 3
+    assert _prefix_hits(prefill) > hits  # the shared system prompt hit on the prefill side
     stream = httpx.post(f"{router.url}/v1/completions", timeout=60, json={
         **CHAT, "prompt": SYSTEM, "stream": True})
     lines = [x for x in stream.text.splitlines() if x.startswith("data: ")]

@@ -49,10 +49,12 @@ class CacheConfig:
     kv_cache_memory: int | None = field(
         default=None,
         metadata={"help": "Bytes of KV cache (default: CPU 1 GiB capped by free memory; "
-                          "GPU what gpu_memory_utilization leaves after the weights)."},
+                          "GPU what gpu_memory_utilization leaves after the weights, at "
+                          "most twice what max_num_seqs sequences of max_model_len fill)."},
     )
     gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "Fraction of free GPU memory for weights + KV cache."}
+        default=0.9, metadata={"help": "Fraction of the GPU's memory for this engine's weights + "
+                                         "KV cache."}
     )
     enable_prefix_caching: bool = field(
         default=True,

@@ -150,7 +150,9 @@ class TorchBackend(AttentionBackend):
         return (2, num_kv_heads, num_blocks, block_size, head_dim)
 
     def build_metadata(self, layout: BatchLayout, device: torch.device) -> TorchMetadata:
-        kernel = _kernel_metadata(layout) if self._lib is not None else None
+        # The C kernel reads host memory: tensors on a GPU take the PyTorch path.
+        use_kernel = self._lib is not None and torch.device(device).type == "cpu"
+        kernel = _kernel_metadata(layout) if use_kernel else None
         return TorchMetadata(layout.slot_mapping.to(device), layout, device, kernel)
 
     def forward(self, q, k, v, kv_cache, metadata: TorchMetadata, spec: AttentionSpec):

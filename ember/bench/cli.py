@@ -15,6 +15,7 @@ from pathlib import Path
 from ember.bench.compress.cli import add_compress_bench_parser, add_resident_bench_parser
 from ember.bench.disagg import add_disagg_parser
 from ember.bench.fleet_sim.cli import add_fleet_sim_parser
+from ember.bench.gpu_decode import add_gpu_bench_parser
 from ember.bench.kv_transfer import add_kv_transfer_parser
 from ember.bench.models import MODEL_SIZES, build_bench_model
 from ember.bench.router_fleet import add_router_fleet_parser
@@ -133,6 +134,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     add_kv_transfer_parser(sub)
     add_compress_bench_parser(sub)
     add_resident_bench_parser(sub)
+    add_gpu_bench_parser(sub)
     return bench
 
 

@@ -66,19 +66,24 @@ def gemm_seconds(layers: list[torch.nn.Module], num_rows: int, dtype: torch.dtyp
     Calls each layer itself, so its weights are used as the forward uses them (e.g. prepacked
     for oneDNN); same dtype, threads and order, so the same weights stream through the caches.
     """
-    inputs = {m.in_features: torch.randn(num_rows, m.in_features).to(dtype) for m in layers}
+    device = next(layers[0].parameters()).device
+    inputs = {m.in_features: torch.randn(num_rows, m.in_features, device=device).to(dtype)
+              for m in layers}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 3):
+            sync()
             t0 = time.perf_counter()
             for m in layers:
                 m(inputs[m.in_features])
+            sync()
             if i >= 3:
                 times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
 
 
-def _decode_batch(core: Any, batch: int, cfg: EfficiencyConfig, vocab_size: int,
+def decode_batch(core: Any, batch: int, cfg: EfficiencyConfig, vocab_size: int,
                   timers: dict[str, _Timer], chunk_sizes: list[list[int]]) -> dict[str, Any]:
     from ember.engine.messages import EngineCoreRequest
     from ember.engine.sampling_params import SamplingParams
@@ -111,15 +116,15 @@ def _decode_batch(core: Any, batch: int, cfg: EfficiencyConfig, vocab_size: int,
     while core.has_unfinished:
         core.step()
 
-    def med(values: list[float]) -> float:
-        return statistics.median(values) * 1e3
+    def med(values: list[float]) -> float:  # nan where a CUDA graph replaced the forward
+        return statistics.median(values) * 1e3 if values else float("nan")
 
     step_ms = med(step_s)
     forward_ms, logits_ms = med(timers["forward"].seconds), med(timers["logits"].seconds)
     execute_ms = med(timers["execute"].seconds)
     # Per-step outside-the-forward time; its median is robust to a noisy neighbour.
     outside = [s - f - lg for s, f, lg in zip(step_s, timers["forward"].seconds,
-                                             timers["logits"].seconds)]
+                                             timers["logits"].seconds)] or [float("nan")]
     return {"batch": batch, "step_ms": step_ms, "step_min_ms": min(step_s) * 1e3,
             "execute_ms": execute_ms, "forward_ms": forward_ms, "logits_ms": logits_ms,
             "overhead_ms": med(outside), "overhead_frac": med(outside) / step_ms,
@@ -150,7 +155,7 @@ def run_efficiency(cfg: EfficiencyConfig) -> dict[str, Any]:
     layers = linear_layers(model)
     rows = []
     for batch in cfg.batch_sizes:
-        row = _decode_batch(core, batch, cfg, core.model_info.vocab_size, timers, chunk_sizes)
+        row = decode_batch(core, batch, cfg, core.model_info.vocab_size, timers, chunk_sizes)
         gemm_med, gemm_min = gemm_seconds(layers, batch, model.dtype)
         row["gemm_ms"], row["gemm_min_ms"] = gemm_med * 1e3, gemm_min * 1e3
         row["step_over_gemm"] = row["step_ms"] / row["gemm_ms"]

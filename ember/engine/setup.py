@@ -84,14 +84,42 @@ def make_backend(device: torch.device, config: EngineConfig,
     return TorchBackend()
 
 
-def _kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+def _kv_budget_bytes(config: EngineConfig, device: torch.device, per_block: int,
+                    max_model_len: int) -> int:
     if config.cache.kv_cache_memory is not None:
         return config.cache.kv_cache_memory
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        return int(total * config.cache.gpu_memory_utilization) - used
+        return _gpu_kv_budget_bytes(config, device, per_block, max_model_len)
     return min(DEFAULT_CPU_KV_BYTES, psutil.virtual_memory().available // 4)
+
+
+def _gpu_kv_budget_bytes(config: EngineConfig, device: torch.device, per_block: int,
+                         max_model_len: int) -> int:
+    """`gpu_memory_utilization` of the card for this engine (weights + KV), as in vLLM: what
+    other processes hold is not charged to it, but must leave room for the KV cache."""
+    utilization = config.cache.gpu_memory_utilization
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * utilization) - torch.cuda.memory_reserved(device)
+    # A small model need not take the card: every running sequence at full length, and as
+    # much again for cached prefixes.
+    max_tokens = 2 * config.scheduler.max_num_seqs * max_model_len
+    budget = min(budget, -(-max_tokens // config.cache.block_size) * per_block)
+    if budget > free:
+        raise ValueError(
+            f"gpu_memory_utilization={utilization} leaves {budget / 2**30:.2f} GiB for the KV "
+            f"cache but only {free / 2**30:.2f} GiB of {device} is free (other processes hold "
+            f"the rest); lower gpu_memory_utilization or set kv_cache_memory")
+    return budget
+
+
+def _graph_safe(model: torch.nn.Module) -> bool:
+    """Whether every module can be captured in a CUDA graph (`cuda_graph_safe`, default yes)."""
+    unsafe = [type(m).__name__ for m in model.modules()
+              if not getattr(m, "cuda_graph_safe", True)]
+    if unsafe:
+        logger.warning("CUDA graphs off: %s cannot be captured in %s", unsafe[0],
+                       next(model.parameters()).dtype)
+    return not unsafe
 
 
 def tune_cpu_allocator() -> None:
@@ -150,7 +178,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     block_size = config.cache.block_size
     per_block = kv_bytes_per_block(info.num_layers, block_size, info.num_kv_heads,
                                    info.head_dim, info.dtype)
-    budget = _kv_budget_bytes(config, device)
+    budget = _kv_budget_bytes(config, device, per_block, max_model_len)
     num_blocks = budget // per_block
     if num_blocks < 1:
         raise ValueError(f"KV cache budget of {budget} bytes holds no block "
@@ -172,7 +200,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     kv.pool.events = events
     scheduler = Scheduler(config.scheduler, kv, max_model_len)
     graphs = None
-    if device.type == "cuda" and not config.device.enforce_eager:
+    if device.type == "cuda" and not config.device.enforce_eager and _graph_safe(model):
         graphs = DecodeGraphs(model, backend, list(kv_pool.unbind(0)),
                               config.scheduler.max_num_seqs, block_size, device,
                               pool=torch.cuda.graph_pool_handle())

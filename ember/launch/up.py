@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.bench.serve.servers import ServerLaunch, ServerProcess, free_port
-from ember.server.launch import HOW_TO_CALL
+from ember.server.how_to_call import HOW_TO_CALL
 
 
 @dataclass(frozen=True)

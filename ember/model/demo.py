@@ -89,12 +89,16 @@ def build_random_model(
     dtype: str = "float32",
     seed: int = 0,
     shard_size: int | str | None = None,
+    init_device: str = "cpu",
+    tokenizer_vocab_size: int | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a random-weight `architecture` (config, safetensors, tokenizer, generation config).
 
     `config_overrides` go to transformers' config class as-is (e.g. rope_scaling, head_dim,
-    tie_word_embeddings, sliding_window); `shard_size` (bytes or "100KB") shards the weights.
+    tie_word_embeddings, sliding_window); `shard_size` (bytes or "100KB") shards the weights;
+    `init_device` is where the random weights are drawn (a GPU makes billions of them quick);
+    `tokenizer_vocab_size` trains a smaller tokenizer than the vocabulary (quicker to train).
     """
     import transformers
 
@@ -103,7 +107,7 @@ def build_random_model(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    special_ids = _save_tokenizer(out, vocab_size)
+    special_ids = _save_tokenizer(out, tokenizer_vocab_size or vocab_size)
 
     model_cls = getattr(transformers, architecture)
     kwargs: dict[str, Any] = {
@@ -121,7 +125,8 @@ def build_random_model(
     }
     config = model_cls.config_class(**kwargs)
     torch.manual_seed(seed)
-    model = model_cls(config)
+    with torch.device(init_device):
+        model = model_cls(config)
     _randomize_norms_and_biases(model, seed)
     model = model.to(_DTYPES[dtype])
     model.generation_config = transformers.GenerationConfig(**special_ids)

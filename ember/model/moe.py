@@ -35,6 +35,9 @@ class SparseMoE(nn.Module):
                              persistent=False)  # [E]
         self.shared_expert = (GatedMLP(hidden_size, moe.shared_expert_intermediate_size, False,
                                        dtype, device) if has_shared else None)
+        # NOTE: on a GPU, grouped_mm has a native kernel for bf16 only; other dtypes fall back
+        # to a loop that reads the offsets on the host, which a CUDA graph cannot capture.
+        self.cuda_graph_safe = dtype == torch.bfloat16
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, E] logits -> (weights [T, k], expert ids [T, k]) exactly as transformers routes."""

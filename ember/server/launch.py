@@ -11,21 +11,12 @@ from typing import Any
 import uvicorn
 
 from ember.config import EngineConfig, ServerConfig
+from ember.server.how_to_call import HOW_TO_CALL
 from ember.server.metrics import ServerMetrics
 from ember.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
-HOW_TO_CALL = """\
-ember is serving {name!r} at {base}
-  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} \\
-    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}], \
-"max_tokens": 32}}'
-  python -c 'from openai import OpenAI; c = OpenAI(base_url="{base}", api_key="{key}"); \
-print(c.chat.completions.create(model="{name}", max_tokens=32, \
-messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)'
-  Metrics at {root}/metrics, the OpenAPI schema at {root}/openapi.json. Ctrl-C stops.
-"""
 
 
 def check_model_dir(model: str) -> None:

@@ -16,11 +16,12 @@ from tests.factories import tiny_model_dir
 
 
 def _core(model_dir, role: str, backend: str = "shm") -> EngineCore:
-    # pools of different sizes: block ids must land by the decode pool's layout
+    # pools of different sizes: block ids must land by the decode pool's layout; on the CPU,
+    # since the shm transport maps host memory (a GPU pool needs a CUDA build of Mooncake)
     kv_bytes = (3 << 20) if role == "prefill" else (4 << 20)
     return EngineCore(EngineConfig.from_options(
         str(model_dir), dtype="float32", role=role, kv_transfer_backend=backend,
-        kv_cache_memory=kv_bytes, block_size=4))
+        kv_cache_memory=kv_bytes, block_size=4, device="cpu"))
 
 
 @pytest.fixture(scope="module")

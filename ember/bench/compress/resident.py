@@ -39,6 +39,36 @@ def weight_memory(cfg: ResidentBenchConfig) -> dict[str, int]:
             "scratch_bytes": resident.scratch_bytes, "saved_bytes": resident.saved_bytes}
 
 
+def triton_decode_speed(shape: tuple[int, int] = (14336, 4096), repeats: int = 20
+                        ) -> dict[str, float]:
+    """The Triton decoder alone on one weight-like matrix (Llama-3-8B's MLP shape): output
+    GB/s and the device bytes it moves (compressed in, decoded out) per second."""
+    import numpy as np
+
+    from ember.compress import triton_decode as td
+    from ember.compress.codec import encode_bf16
+
+    values = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02)
+    bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).ravel()
+    encoded = td.to_device(encode_bf16(bits), "cuda")
+    out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    td.decode_bf16_triton(encoded, out, check=True)
+    if not torch.equal(out.cpu(), values.to(torch.bfloat16)):
+        raise RuntimeError("the Triton decoder's output differs from the encoded values")
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        td.decode_bf16_triton(encoded, out, check=False)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    seconds = sorted(times)[len(times) // 2]
+    return {"decoded_bytes": out.nbytes, "compressed_bytes": encoded.nbytes, "seconds": seconds,
+            "output_gb_s": out.nbytes / seconds / 1e9,
+            "device_gb_s": (out.nbytes + encoded.nbytes) / seconds / 1e9}
+
+
 def _tokens_per_s(llm, batch: int, cfg: ResidentBenchConfig) -> float:
     from ember import SamplingParams
 
@@ -87,8 +117,12 @@ def _run(cfg: ResidentBenchConfig) -> dict[str, Any]:
              "kept_compressed_tok_s": r["kept_compressed"],
              "throughput_cost": 1 - r["kept_compressed"] / r["original"]}
             for b, r in rows.items()]
-    return {"device": dict(cfg.engine_options).get("device", "auto"),
-            "model": str(cfg.original), "memory": weight_memory(cfg), "runs": runs}
+    report = {"device": dict(cfg.engine_options).get("device", "auto"),
+              "model": str(cfg.original), "memory": weight_memory(cfg), "runs": runs}
+    if torch.cuda.is_available() and report["device"] in ("auto", "cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
+        report["triton_decode"] = triton_decode_speed()
+    return report
 
 
 def resident_markdown(report: dict[str, Any]) -> str:
@@ -102,4 +136,9 @@ def resident_markdown(report: dict[str, Any]) -> str:
              "|---:|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['original_tok_s']:.1f} | {r['kept_compressed_tok_s']:.1f} "
               f"| {r['throughput_cost']:.1%} |" for r in report["runs"]]
+    if "triton_decode" in report:
+        t = report["triton_decode"]
+        lines += ["", f"Triton decoder alone ({report['gpu']}): {t['decoded_bytes'] / 2**20:.0f} "
+                  f"MiB in {t['seconds'] * 1e3:.3f} ms = {t['output_gb_s']:.0f} GB/s decoded, "
+                  f"{t['device_gb_s']:.0f} GB/s of device traffic"]
     return "\n".join(lines) + "\n"

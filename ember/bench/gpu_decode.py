@@ -49,6 +49,13 @@ def build_llama3_8b_shaped(root: Path | None = None) -> Path:
                             shard_size="5GB", **LLAMA3_8B_SHAPE)
 
 
+def decode_floor_bytes(weight_bytes: int, kv_bytes_per_token: int, batch: int,
+                       context: float) -> float:
+    """Device-memory bytes one decode step must read: every weight once, and each of `batch`
+    sequences' KV cache over its `context` tokens."""
+    return weight_bytes + batch * context * kv_bytes_per_token
+
+
 def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
     """Device-memory bytes per second of a large device-to-device copy (read + write)."""
     src = torch.randn(nbytes // 4, device="cuda")
@@ -142,8 +149,8 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict[str, Any]:
     for batch in cfg.batch_sizes:
         row = decode_batch(core, batch, eff, info.vocab_size, timers, chunk_sizes)
         context = cfg.prompt_len + eff.num_warmup_steps + cfg.num_steps / 2  # mean over steps
-        floor_bytes = weight_bytes + batch * context * kv_per_token
-        row["floor_ms"] = floor_bytes / bandwidth * 1e3
+        row["floor_ms"] = decode_floor_bytes(weight_bytes, kv_per_token, batch, context
+                                             ) / bandwidth * 1e3
         row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
         # the replay reads the metadata the last timed step left in the graph's buffers
         row["graph_replay_ms"] = graph_replay_ms(core, batch)

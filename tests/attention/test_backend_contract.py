@@ -120,3 +120,13 @@ def test_pure_decode_batch(backend_cls):
     spec = AttentionSpec(8, 4, 32, 32**-0.5)
     steps = [[9, 2, 13, 1]] + [[1, 1, 1, 1]] * 3
     _run_steps(backend_cls(), spec, steps, block_size=8, dtype=torch.float32)
+
+
+def test_torch_backend_keeps_gpu_tensors_off_the_cpu_kernel():
+    """The C kernel reads host memory: metadata for another device must not select it."""
+    backend = TorchBackend()
+    if backend._lib is None:
+        pytest.skip("the C kernel did not build on this machine")
+    layout = BatchLayout([2], [0], [[0]], torch.tensor([0, 1]), 4)
+    assert backend.build_metadata(layout, torch.device("cpu")).kernel is not None
+    assert backend.build_metadata(layout, torch.device("meta")).kernel is None

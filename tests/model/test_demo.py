@@ -76,3 +76,14 @@ def test_demo_model_recipe_is_about_ten_million_params():
     with torch.device("meta"):
         model = model_cls(config)
     assert 8e6 <= sum(p.numel() for p in model.parameters()) <= 12e6
+
+
+def test_a_tokenizer_smaller_than_the_vocabulary(tmp_path):
+    """Big-vocabulary bench models train a small tokenizer; ids past it exist but are unused."""
+    model_dir = tiny_model_dir(tmp_path, vocab_size=2048, tokenizer_vocab_size=1024,
+                               init_device="cpu")
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["vocab_size"] == 2048
+    assert len(load_tokenizer(model_dir)) <= 1024
+    model, info = load_model(model_dir)
+    assert info.vocab_size == 2048 and model.embed_tokens.weight.shape[0] == 2048

@@ -13,3 +13,9 @@ def cache_dir() -> Path:
     """Where ember keeps what it builds (the demo model): $EMBER_CACHE_DIR or ~/.cache/ember."""
     value = os.environ.get("EMBER_CACHE_DIR")
     return Path(value).expanduser() if value else Path.home() / ".cache" / "ember"
+
+
+def fused_ops() -> bool:
+    """Whether the decoder uses ember's fused Triton ops on a GPU: $EMBER_FUSED_OPS=1 (default
+    off until measured on a GPU; see ember/model/triton_ops.py)."""
+    return os.environ.get("EMBER_FUSED_OPS", "0") == "1"

@@ -28,13 +28,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(hidden, cfg.intermediate_size, cfg.mlp_bias, dtype, device)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        attn_out = self.self_attn(self.input_layernorm(hidden), cos, sin)
-        attn_out += hidden  # residual; attn_out is a fresh tensor, so in place is safe
-        mlp_out = self.mlp(self.post_attention_layernorm(attn_out))
-        mlp_out += attn_out
-        return mlp_out
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) [T, hidden] each -> the same for the next layer, whose input is
+        their sum: adding it there fuses with that layer's norm (residual None: the first)."""
+        if residual is None:
+            residual = hidden
+            normed = self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attn_out = self.self_attn(normed, cos, sin)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.mlp(normed), residual
 
 
 class DecoderModel(nn.Module):
@@ -57,9 +62,10 @@ class DecoderModel(nn.Module):
         """input_ids, positions: [T] int64 -> hidden [T, hidden_size] (after the final norm)."""
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary(positions, hidden.dtype)  # [T, 1, head_dim] each
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
     def prepack_cpu(self) -> int:
         """Pack bf16 linear weights for oneDNN (see Linear.prepack_cpu); returns how many."""

@@ -6,11 +6,37 @@ Numerics follow transformers' Llama-family modules op for op so fp32 logits matc
 
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember import envs
 from ember.model.registry import RopeConfig
+
+FUSED_ON_CPU = False  # tests set it to run the fused ops on CPU tensors in triton's interpreter
+
+
+def fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """ember.model.triton_ops for a tensor on a GPU when EMBER_FUSED_OPS=1; None on a CPU,
+    without triton, or when off."""
+    return _triton_ops() if (x.is_cuda and _gpu_fusion_on()) or FUSED_ON_CPU else None
+
+
+@functools.cache
+def _gpu_fusion_on() -> bool:
+    return envs.fused_ops()
+
+
+@functools.cache
+def _triton_ops() -> ModuleType | None:
+    try:
+        from ember.model import triton_ops  # NOTE: lazy: imports triton
+    except ImportError:
+        return None
+    return triton_ops
 
 
 def empty_parameter(shape: tuple[int, ...], dtype: torch.dtype,
@@ -75,8 +101,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        ops = fused_ops(x)
+        if ops is not None and x.dim() == 2 and x.is_contiguous():
+            return ops.rms_norm(x, self.weight, self.eps)[0]
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor,
+                     residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), [T, dim] each; one kernel on a GPU."""
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x.contiguous(), self.weight, self.eps, residual.contiguous())
+        summed = x + residual
+        return self.forward(summed), summed
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,6 +139,9 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Neox-style rotation: x * cos + rotate_half(x) * sin. x [T, heads, head_dim] -> same."""
+    ops = fused_ops(x)
+    if ops is not None and x.stride(-1) == 1:
+        return ops.apply_rope(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, heads, head_dim]
     rotated *= sin
@@ -124,6 +165,9 @@ class GatedMLP(nn.Module):
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2 * inter] laid out [gate | up] -> silu(gate) * up [..., inter]."""
+    ops = fused_ops(gate_up)
+    if ops is not None and gate_up.is_contiguous():
+        return ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     out = F.silu(gate)
     out *= up

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import torch
 
+from ember.bench.gpu_timing import cuda_median_ms
 from ember.compress.codec import encode_bf16
 from ember.compress.resident import Piece, _decoder, _refill
 from ember.compress.triton_decode import to_device
@@ -36,18 +37,6 @@ def build_layer():
     return entries, torch.cat([v.flatten() for v in expected])
 
 
-def timed_ms(fn, repeats=20):
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     entries, expected = build_layer()
     decode = _decoder(torch.device("cuda"))
@@ -62,7 +51,7 @@ def main():
         torch.cuda.synchronize()
         got = torch.cat([b.flatten().cpu() for b, _ in entries])
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), name
-        result[name] = timed_ms(lambda h=hook: h(None, ()))
+        result[name] = cuda_median_ms(lambda h=hook: h(None, ()))
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -77,7 +66,7 @@ def main():
     torch.cuda.synchronize()
     got = torch.cat([b.flatten().cpu() for b, _ in entries])
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16)), "graph"
-    result["streams_graph"] = timed_ms(graph.replay)
+    result["streams_graph"] = cuda_median_ms(graph.replay)
     mib = expected.numel() * 2 / 2**20
     for name, ms in result.items():
         print(f"{name}: {ms:.3f} ms for the layer's {mib:.0f} MiB "

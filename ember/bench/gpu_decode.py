@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from ember.bench.efficiency import EfficiencyConfig, _Timer, decode_batch
+from ember.bench.gpu_timing import cuda_median_ms
 from ember.bench.models import count_parameters
 
 # Llama-3-8B's shapes (meta-llama/Meta-Llama-3-8B config.json), random weights.
@@ -62,17 +62,8 @@ def copy_bandwidth(nbytes: int = 4 << 30, repeats: int = 20) -> float:
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times)
+    seconds = cuda_median_ms(lambda: dst.copy_(src), repeats) / 1e3
+    return 2 * nbytes / seconds
 
 
 def graph_replay_ms(core: Any, batch: int, repeats: int = 20) -> float:
@@ -82,15 +73,7 @@ def graph_replay_ms(core: Any, batch: int, repeats: int = 20) -> float:
     if graphs is None:
         return float("nan")
     graph, _ = graphs._graphs[graphs.padded_size(batch)]
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(graph.replay, repeats)
 
 
 def _prefill_tokens_per_s(core: Any, cfg: GpuBenchConfig, vocab_size: int) -> dict[str, Any]:
@@ -123,6 +106,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict[str, Any]:
     gc.collect()
     torch.cuda.empty_cache()
     bandwidth = copy_bandwidth()
+    torch.cuda.empty_cache()  # the copy's 8 GiB back before the engine sizes its KV cache
     t0 = time.perf_counter()
     core = EngineCore(EngineConfig.from_options(
         str(model_dir), dtype="bfloat16", device="cuda", enforce_eager=cfg.enforce_eager,

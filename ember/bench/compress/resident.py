@@ -45,6 +45,7 @@ def triton_decode_speed(shape: tuple[int, int] = (14336, 4096), repeats: int = 2
     GB/s and the device bytes it moves (compressed in, decoded out) per second."""
     import numpy as np
 
+    from ember.bench.gpu_timing import cuda_median_ms
     from ember.compress import triton_decode as td
     from ember.compress.codec import encode_bf16
 
@@ -55,15 +56,8 @@ def triton_decode_speed(shape: tuple[int, int] = (14336, 4096), repeats: int = 2
     td.decode_bf16_triton(encoded, out, check=True)
     if not torch.equal(out.cpu(), values.to(torch.bfloat16)):
         raise RuntimeError("the Triton decoder's output differs from the encoded values")
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        td.decode_bf16_triton(encoded, out, check=False)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = cuda_median_ms(lambda: td.decode_bf16_triton(encoded, out, check=False),
+                             repeats) / 1e3
     return {"decoded_bytes": out.nbytes, "compressed_bytes": encoded.nbytes, "seconds": seconds,
             "output_gb_s": out.nbytes / seconds / 1e9,
             "device_gb_s": (out.nbytes + encoded.nbytes) / seconds / 1e9}

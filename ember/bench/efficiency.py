@@ -131,17 +131,10 @@ def decode_batch(core: Any, batch: int, cfg: EfficiencyConfig, vocab_size: int,
             "output_tok_s": batch / (step_ms / 1e3)}
 
 
-def run_efficiency(cfg: EfficiencyConfig) -> dict[str, Any]:
-    from ember.config import EngineConfig
-    from ember.engine.engine_core import EngineCore
-
-    model_dir = cfg.model_dir or build_bench_model(cfg.model_size)
-    config = EngineConfig.from_options(
-        str(model_dir), dtype=cfg.dtype, kv_cache_memory=int(cfg.kv_cache_gib * 2**30),
-        max_num_seqs=max(max(cfg.batch_sizes), 128), **cfg.engine_options)
-    core = EngineCore(config)
-    runner = core.runner
-    model = runner.model
+def instrument(core: Any) -> tuple[dict[str, _Timer], list[list[int]]]:
+    """Time the core's forward, logits and execute calls, and record each step's chunk sizes
+    (what `decode_batch` takes)."""
+    runner, model = core.runner, core.runner.model
     timers = {"forward": _Timer(model, "forward"), "logits": _Timer(model, "compute_logits"),
               "execute": _Timer(runner, "execute")}
     chunk_sizes: list[list[int]] = []
@@ -152,6 +145,20 @@ def run_efficiency(cfg: EfficiencyConfig) -> dict[str, Any]:
         return execute_inner(sched)
 
     runner.execute = execute
+    return timers, chunk_sizes
+
+
+def run_efficiency(cfg: EfficiencyConfig) -> dict[str, Any]:
+    from ember.config import EngineConfig
+    from ember.engine.engine_core import EngineCore
+
+    model_dir = cfg.model_dir or build_bench_model(cfg.model_size)
+    config = EngineConfig.from_options(
+        str(model_dir), dtype=cfg.dtype, kv_cache_memory=int(cfg.kv_cache_gib * 2**30),
+        max_num_seqs=max(max(cfg.batch_sizes), 128), **cfg.engine_options)
+    core = EngineCore(config)
+    model = core.runner.model
+    timers, chunk_sizes = instrument(core)
     layers = linear_layers(model)
     rows = []
     for batch in cfg.batch_sizes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ember.bench.efficiency import EfficiencyConfig, _Timer, decode_batch
+from ember.bench.efficiency import EfficiencyConfig, decode_batch, instrument
 from ember.bench.gpu_timing import cuda_median_ms
 from ember.bench.models import count_parameters
 
@@ -97,8 +98,6 @@ def _prefill_tokens_per_s(core: Any, cfg: GpuBenchConfig, vocab_size: int) -> di
 
 
 def run_gpu_bench(cfg: GpuBenchConfig) -> dict[str, Any]:
-    import json
-
     from ember.config import EngineConfig
     from ember.engine.engine_core import EngineCore
 
@@ -117,17 +116,7 @@ def run_gpu_bench(cfg: GpuBenchConfig) -> dict[str, Any]:
     weight_bytes = count_parameters(hf_config)["total"] * 2
     info = core.model_info
     kv_per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 2
-    timers = {"forward": _Timer(core.runner.model, "forward"),
-              "logits": _Timer(core.runner.model, "compute_logits"),
-              "execute": _Timer(core.runner, "execute")}
-    chunk_sizes: list[list[int]] = []
-    execute_inner = core.runner.execute
-
-    def execute(sched: Any) -> Any:
-        chunk_sizes.append([c.num_tokens for c in sched.chunks])
-        return execute_inner(sched)
-
-    core.runner.execute = execute
+    timers, chunk_sizes = instrument(core)
     eff = EfficiencyConfig(prompt_len=cfg.prompt_len, num_steps=cfg.num_steps)
     rows = []
     for batch in cfg.batch_sizes:
@@ -163,8 +152,6 @@ def gpu_bench_markdown(report: dict[str, Any]) -> str:
 
 
 def cmd_gpu_bench(args: argparse.Namespace) -> int:
-    import json
-
     report = run_gpu_bench(GpuBenchConfig(
         model_dir=args.model, batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len,
         num_steps=args.num_steps, prefill_len=args.prefill_len,

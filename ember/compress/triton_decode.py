@@ -33,10 +33,6 @@ _PROB_BITS = tl.constexpr(PROB_BITS)
 _SLOT_MASK = tl.constexpr(PROB_SCALE - 1)
 _RANS_L = tl.constexpr(RANS_L)
 
-# Groups per program, one warp each: a warp's 32 lanes store 32 neighbouring outputs per step
-# and share their group's word stream through warp-local scans and gathers.
-
-
 @dataclass(frozen=True)
 class DeviceEncoded:
     """An EncodedBF16 on a torch device; uint16/uint32 arrays are kept as int16/int32 views."""
@@ -137,6 +133,8 @@ def _rans_decode_kernel(
 
 
 IS_INTERPRETED: bool = not isinstance(_rans_decode_kernel, JITFunction)
+# Groups per program, one warp each: a warp's 32 lanes store 32 neighbouring outputs per step
+# and share their group's word stream through warp-local scans and gathers.
 # NOTE: decoding is a chain of 2048 dependent steps per lane, so it is latency bound; more groups
 # per program does not make a tensor decode faster, it only packs the warps onto fewer SMs: on
 # an H100 one group per program decoded 2.2x faster than four (benchmarks/gpu/). Under the

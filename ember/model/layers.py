@@ -109,11 +109,12 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor,
                      residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual), [T, dim] each; one kernel on a GPU."""
+        """(norm(x + residual), x + residual), [T, dim] each; one kernel on a GPU. x must be a
+        fresh tensor (a layer's output): elsewhere the sum is taken in place, into x."""
         ops = fused_ops(x)
         if ops is not None:
             return ops.rms_norm(x.contiguous(), self.weight, self.eps, residual.contiguous())
-        summed = x + residual
+        summed = x.add_(residual)
         return self.forward(summed), summed
 
 

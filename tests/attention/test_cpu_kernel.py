@@ -1,11 +1,20 @@
-"""The compiled CPU attention kernel must not change the process's floating-point state."""
+"""The compiled CPU attention kernel: dense-attention results for every head dim, block size,
+group size and window it serves, and no change to the process's floating-point state."""
 
 from __future__ import annotations
 
+import ctypes
+import itertools
+import platform
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from ember.attention import cpu_kernel
+from ember.attention.cpu_kernel import load_kernel, paged_attention
+from ember.native import load_c_library
 
 
 def test_loading_the_kernel_keeps_subnormals():
@@ -20,3 +29,68 @@ def test_loading_the_kernel_keeps_subnormals():
     if proc.returncode == 3:
         pytest.skip("no C compiler here: the kernel is not built")
     assert proc.returncode == 0, proc.stderr
+
+
+def _dense_reference(q, keys, values, q_len, scale, window):
+    """q [q_len, heads, dim] at the context's last q_len positions; keys/values [ctx, kv, dim]."""
+    ctx, kv_heads, _ = keys.shape
+    group = q.shape[1] // kv_heads
+    k = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    v = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.einsum("qhd,hkd->hqk", q.float(), k) * scale
+    q_pos = torch.arange(ctx - q_len, ctx).view(-1, 1)
+    k_pos = torch.arange(ctx).view(1, -1)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    return torch.einsum("hqk,hkd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+@pytest.fixture(scope="module", params=["native", "no-bf16-dot"])
+def kernel(request):
+    """The kernel as built here, and built without the CPU's bf16 dot product (when it has
+    one) so the widening path that other CPUs take is checked too."""
+    lib = load_kernel()
+    if lib is None:
+        pytest.skip("no C compiler here: the kernel is not built")
+    if request.param == "no-bf16-dot":
+        if platform.machine() != "x86_64":
+            pytest.skip("-mno-avx512bf16 is an x86 flag")
+        lib = load_c_library("paged_attention_generic", cpu_kernel._SOURCE.read_bytes(),
+                             [*cpu_kernel._FLAGS, "-mno-avx512bf16"], cpu_kernel._LINK_FLAGS)
+        assert lib is not None
+        for name in ("paged_attention_f32", "paged_attention_bf16"):
+            getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("block_size,heads,kv_heads,window", [
+    (4, 8, 8, None), (16, 8, 2, None), (32, 8, 1, 23), (8, 16, 2, 5)])
+def test_kernel_matches_dense_attention(kernel, dtype, head_dim, block_size, heads, kv_heads,
+                                       window):
+    """Contexts of many 16-position tiles, over scattered blocks of every size, mixing a
+    prefill chunk with decodes: each output equals dense softmax attention."""
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    context_lens, query_lens = [1, 37, 70, 16, 90], [1, 1, 20, 16, 1]
+    max_blocks = max(-(-c // block_size) for c in context_lens)
+    num_blocks = max_blocks * len(context_lens) + 3
+    key_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    value_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(num_blocks, generator=gen)[:max_blocks * len(context_lens)]
+    tables = tables.view(len(context_lens), max_blocks).to(torch.int64)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=gen).to(dtype)
+    query_start = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
+    scale = head_dim ** -0.5
+    out = paged_attention(kernel, q, key_cache, value_cache, tables, query_start,
+                          torch.tensor(context_lens, dtype=torch.int32), scale, window)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for s, (ctx, q_len) in enumerate(zip(context_lens, query_lens)):
+        positions = torch.arange(ctx)
+        blocks = tables[s][positions // block_size]
+        keys = key_cache[:, blocks, positions % block_size].transpose(0, 1)
+        values = value_cache[:, blocks, positions % block_size].transpose(0, 1)
+        rows = slice(query_start[s].item(), query_start[s + 1].item())
+        expected = _dense_reference(q[rows], keys, values, q_len, scale, window)
+        torch.testing.assert_close(out[rows].float(), expected, atol=tol, rtol=tol)

@@ -3,27 +3,77 @@
  * One call attends every token of a step (decode and chunked prefill alike): a task is one
  * (sequence, kv head) pair and serves all of that head's query heads, so each key/value row
  * is read once per query position. Scores and accumulation are fp32; bf16 is widened on load.
- * Specialised per head_dim so the inner loops have fixed trip counts (full vectorisation).
+ *
+ * The context is walked in tiles of 16 positions whatever the block size: a tile's rows are
+ * widened to fp32 once and shared by the query heads, its 16 scores come out of one joint
+ * reduction (no horizontal sum per row), and the online softmax works on whole vectors.
+ * Written with GCC vector extensions, so the same source builds for AVX-512, AVX2 or NEON.
  * Built at run time by ember/attention/cpu_kernel.py.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 #define MAX_GROUP 64
-#define PREFETCH_AHEAD 4 /* blocks: enough lead to cover DRAM latency on scattered tables */
+#define MAX_DIM 256
 #define MAX_BLOCK_SHIFT 7
-#define MAX_BLOCK (1 << MAX_BLOCK_SHIFT)
+#define TILE 16               /* positions per tile == lanes per vector */
+#define PREFETCH_ROWS 64      /* lead that covers DRAM latency on scattered block tables */
+#define MASKED (-1e30f)       /* not -inf: the kernel is built with -ffast-math */
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t u = ((uint32_t)x) << 16;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint16_t vhalf __attribute__((vector_size(32)));
+
+int supports_head_dim(int d) {
+    return d == 32 || d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
+}
+
+int max_group(void) { return MAX_GROUP; }
+
+static inline vfloat load_vec(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store_vec(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+static inline vfloat load_bf16_vec(const uint16_t *p) {
+    vhalf h;
+    memcpy(&h, p, sizeof h);
+    const vuint bits = __builtin_convertvector(h, vuint) << 16;
+    vfloat v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline vfloat splat(float x) { return (vfloat){0} + x; }
+
+/* Lane-wise `mask ? a : b` (C has no vector ternary). */
+static inline vfloat blend(vint mask, vfloat a, vfloat b) {
+    vint ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const vint r = (mask & ai) | (~mask & bi);
+    vfloat out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline float f32_from_bf16(uint16_t x) {
+    const uint32_t u = ((uint32_t)x) << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t bf16_from_f32(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
@@ -31,135 +81,347 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-#define IDENTITY(x) (x)
+/* 16 vectors -> one vector whose lane j is the sum of vector j's lanes (4 shuffle levels). */
+static inline vfloat sum_each(vfloat x[TILE]) {
+    const vint lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vint hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vint lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const vint hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const vint lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const vint hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const vint lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const vint hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    vfloat a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)  /* lanes 0-7: row i, 8-15: row i + 8 */
+        a[i] = __builtin_shuffle(x[i], x[i + 8], lo8) + __builtin_shuffle(x[i], x[i + 8], hi8);
+    for (int i = 0; i < 4; ++i)  /* quarters: rows i, i + 4, i + 8, i + 12 */
+        b[i] = __builtin_shuffle(a[i], a[i + 4], lo4) + __builtin_shuffle(a[i], a[i + 4], hi4);
+    for (int i = 0; i < 2; ++i)  /* pair k: row i + 2k */
+        c[i] = __builtin_shuffle(b[i], b[i + 2], lo2) + __builtin_shuffle(b[i], b[i + 2], hi2);
+    return __builtin_shuffle(c[0], c[1], lo1) + __builtin_shuffle(c[0], c[1], hi1);
+}
 
-/* The next block's rows are a jump the hardware prefetcher cannot guess: ask for them early. */
-static inline void prefetch_block(const void *head, int64_t block, int block_shift,
-                                  size_t row_bytes) {
-    const char *start = (const char *)head + ((size_t)block << block_shift) * row_bytes;
+static inline float max_of(vfloat v) {
+    float m = v[0];
+    for (int l = 1; l < TILE; ++l) m = v[l] > m ? v[l] : m;
+    return m;
+}
+
+static inline float sum_of(vfloat v) {
+    float s = 0.f;
+    for (int l = 0; l < TILE; ++l) s += v[l];
+    return s;
+}
+
+static inline vfloat exp_vec(vfloat v) {
+    float x[TILE];
+    store_vec(x, v);
+    for (int l = 0; l < TILE; ++l) x[l] = expf(x[l]); /* vectorised through libmvec */
+    return load_vec(x);
+}
+
+/* The blocks one task reads: while a thread works on a task it pulls the next one's into L2,
+ * so short decode tasks do not each start with a stall on memory. */
+typedef struct {
+    const char *k_head, *v_head;
+    const int64_t *table;
+    int first_block, last_block;
+} task_span;
+
+typedef struct {
+    const void *q;
+    task_span span;
+    int q_begin, q_end, ctx, kvh, group, num_heads, block_shift, window;
+    float scale;
+    const task_span *next; /* NULL for a thread's last task */
+    void *out;
+} task_args;
+
+/* Blocks [from, to) of the span, K and V, into L2 (the current task keeps L1). */
+static inline void prefetch_span(const task_span *span, int from, int to, int block_shift,
+                                 size_t row_bytes) {
     const size_t bytes = ((size_t)1 << block_shift) * row_bytes;
-    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(start + off, 0, 3);
+    for (int b = span->first_block + from; b < span->first_block + to; ++b) {
+        const size_t at = ((size_t)span->table[b] << block_shift) * row_bytes;
+        for (size_t off = 0; off < bytes; off += 64) {
+            __builtin_prefetch(span->k_head + at + off, 0, 2);
+            __builtin_prefetch(span->v_head + at + off, 0, 2);
+        }
+    }
 }
 
-/* One (sequence, kv head) task for a fixed head dim DIM: a single pass over the context,
- * block by block, with an online softmax (rescale the accumulators when the max grows). */
-#define DEFINE_TASK(NAME, T, LOAD, STORE, DIM)                                                \
-static void NAME(const T *q, const T *k_head, const T *v_head, const int64_t *table,          \
-                 int q_begin, int q_end, int ctx, int kvh, int group, int num_heads,           \
-                 int block_shift, float scale, int window, T *out) {                           \
-    const int block_size = 1 << block_shift;                                                   \
-    const size_t block_elems = (size_t)block_size * DIM;                                       \
-    float qf[MAX_GROUP][DIM], acc[MAX_GROUP][DIM], row[DIM];                                   \
-    float maxs[MAX_GROUP], sums[MAX_GROUP], scores[MAX_GROUP][MAX_BLOCK];                      \
-    for (int t = q_begin; t < q_end; ++t) {                                                    \
-        const int pos = ctx - (q_end - t);                                                     \
-        const int lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;            \
-        for (int g = 0; g < group; ++g) {                                                      \
-            const T *qh = q + ((int64_t)t * num_heads + kvh * group + g) * DIM;                \
-            for (int d = 0; d < DIM; ++d) qf[g][d] = LOAD(qh[d]) * scale;                      \
-            for (int d = 0; d < DIM; ++d) acc[g][d] = 0.f;                                     \
-            maxs[g] = -INFINITY;                                                               \
-            sums[g] = 0.f;                                                                     \
-        }                                                                                      \
-        const int first_block = lo >> block_shift, last_block = pos >> block_shift;            \
-        for (int b = first_block; b < first_block + PREFETCH_AHEAD && b <= last_block; ++b) {  \
-            prefetch_block(k_head, table[b], block_shift, DIM * sizeof(T));                    \
-            prefetch_block(v_head, table[b], block_shift, DIM * sizeof(T));                    \
-        }                                                                                      \
-        for (int b = first_block; b <= last_block; ++b) {                                      \
-            const T *kb = k_head + table[b] * block_elems;                                     \
-            const T *vb = v_head + table[b] * block_elems;                                     \
-            if (b + PREFETCH_AHEAD <= last_block) {                                            \
-                prefetch_block(k_head, table[b + PREFETCH_AHEAD], block_shift, DIM * sizeof(T)); \
-                prefetch_block(v_head, table[b + PREFETCH_AHEAD], block_shift, DIM * sizeof(T)); \
-            }                                                                                  \
-            const int j0 = b == first_block ? lo - (b << block_shift) : 0;                     \
-            const int j1 = b == last_block ? pos - (b << block_shift) + 1 : block_size;        \
-            for (int j = j0; j < j1; ++j) {                                                    \
-                for (int d = 0; d < DIM; ++d) row[d] = LOAD(kb[j * DIM + d]);                  \
-                for (int g = 0; g < group; ++g) {                                              \
-                    float dot = 0.f;                                                           \
-                    for (int d = 0; d < DIM; ++d) dot += qf[g][d] * row[d];                    \
-                    scores[g][j] = dot;                                                        \
-                }                                                                              \
-            }                                                                                  \
-            for (int g = 0; g < group; ++g) {                                                  \
-                float block_max = maxs[g];                                                     \
-                for (int j = j0; j < j1; ++j)                                                  \
-                    block_max = scores[g][j] > block_max ? scores[g][j] : block_max;           \
-                if (block_max > maxs[g]) {                                                     \
-                    const float rescale = expf(maxs[g] - block_max);                           \
-                    sums[g] *= rescale;                                                        \
-                    for (int d = 0; d < DIM; ++d) acc[g][d] *= rescale;                        \
-                    maxs[g] = block_max;                                                       \
-                }                                                                              \
-                for (int j = j0; j < j1; ++j) {                                                \
-                    scores[g][j] = expf(scores[g][j] - block_max);                             \
-                    sums[g] += scores[g][j];                                                   \
-                }                                                                              \
-            }                                                                                  \
-            for (int j = j0; j < j1; ++j) {                                                    \
-                for (int d = 0; d < DIM; ++d) row[d] = LOAD(vb[j * DIM + d]);                  \
-                for (int g = 0; g < group; ++g) {                                              \
-                    const float w = scores[g][j];                                              \
-                    for (int d = 0; d < DIM; ++d) acc[g][d] += w * row[d];                     \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-        for (int g = 0; g < group; ++g) {                                                      \
-            T *oh = out + ((int64_t)t * num_heads + kvh * group + g) * DIM;                    \
-            const float inv = 1.f / sums[g];                                                   \
-            for (int d = 0; d < DIM; ++d) oh[d] = STORE(acc[g][d] * inv);                      \
-        }                                                                                      \
-    }                                                                                          \
+static inline size_t row_offset(const task_args *a, int pos, size_t row_bytes) {
+    const int64_t block = a->span.table[pos >> a->block_shift];
+    const int in_block = pos & ((1 << a->block_shift) - 1);
+    return (((size_t)block << a->block_shift) + in_block) * row_bytes;
 }
 
-#define DEFINE_KERNEL(NAME, T, LOAD, STORE)                                                   \
-DEFINE_TASK(NAME##_d32, T, LOAD, STORE, 32)                                                    \
-DEFINE_TASK(NAME##_d64, T, LOAD, STORE, 64)                                                    \
-DEFINE_TASK(NAME##_d80, T, LOAD, STORE, 80)                                                    \
-DEFINE_TASK(NAME##_d96, T, LOAD, STORE, 96)                                                    \
-DEFINE_TASK(NAME##_d128, T, LOAD, STORE, 128)                                                  \
-DEFINE_TASK(NAME##_d256, T, LOAD, STORE, 256)                                                  \
+/* Positions [from, to) of this task's K and V rows into L1. */
+static inline void prefetch_rows(const task_args *a, int from, int to, size_t row_bytes) {
+    for (int pos = from; pos < to; ++pos) {
+        const size_t at = row_offset(a, pos, row_bytes);
+        for (size_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(a->span.k_head + at + off, 0, 3);
+            __builtin_prefetch(a->span.v_head + at + off, 0, 3);
+        }
+    }
+}
+
+static inline void widen_row(const char *src, int bf16, int dim, float *dst) {
+    for (int c = 0; c < dim; c += TILE)
+        store_vec(dst + c, bf16 ? load_bf16_vec((const uint16_t *)src + c)
+                                : load_vec((const float *)src + c));
+}
+
+/* Rows [start, start + n) of the K or V cache, widened into rows[TILE][dim]. */
+static inline void widen_tile(const task_args *a, const char *head, int start, int n, int bf16,
+                              int dim, float *rows) {
+    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
+    for (int j = 0; j < n; ++j)
+        widen_row(head + row_offset(a, start + j, row_bytes), bf16, dim, rows + j * dim);
+}
+
+/* Raw q.k of query head g against the tile's n keys, widened to fp32 beforehand. */
+static inline vfloat dot_tile_f32(const float *qg, const float *keys, int n, int dim) {
+    vfloat part[TILE];
+    for (int j = 0; j < TILE; ++j) {
+        vfloat dot = {0};
+        if (j < n)
+            for (int c = 0; c < dim; c += TILE)
+                dot += load_vec(qg + c) * load_vec(keys + j * dim + c);
+        part[j] = dot;
+    }
+    return sum_each(part);
+}
+
+#ifdef __AVX512BF16__
+/* The same from the bf16 rows in place: vdpbf16ps multiplies bf16 pairs exactly and sums in
+ * fp32, so no key is widened (the dominant cost of a decode step's attention). */
+static inline vfloat dot_row_bf16(const uint16_t *q, const uint16_t *k, int dim) {
+    __m512 dot = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 32 <= dim; c += 32)
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_loadu_si512(q + c),
+                               (__m512bh)_mm512_loadu_si512(k + c));
+    if (c < dim) { /* head dim 80: a 16-wide tail */
+        const __mmask32 tail = (__mmask32)((1u << (dim - c)) - 1);
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)_mm512_maskz_loadu_epi16(tail, q + c),
+                               (__m512bh)_mm512_maskz_loadu_epi16(tail, k + c));
+    }
+    return (vfloat)dot;
+}
+
+static inline vfloat dot_tile_bf16(const task_args *a, const uint16_t *qg, int start, int n,
+                                   int dim) {
+    vfloat part[TILE];
+    for (int j = 0; j < TILE; ++j)
+        part[j] = j < n ? dot_row_bf16(qg, (const uint16_t *)(a->span.k_head
+                                                  + row_offset(a, start + j, (size_t)dim * 2)),
+                                       dim)
+                        : (vfloat){0};
+    return sum_each(part);
+}
+#define NATIVE_BF16_DOT 1
+#else
+#define NATIVE_BF16_DOT 0
+#endif
+
+/* A tile's scores folded into query head g's running max, sum and accumulator; returns the
+ * tile's softmax weights (0 past the n valid rows). */
+static inline vfloat fold_tile(vfloat dots, float scale, int n, int dim, float *max_g,
+                               float *sum_g, float *acc_g) {
+    const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const vfloat scores = blend(lane < n, dots * scale, splat(MASKED));
+    const float tile_max = max_of(scores);
+    if (tile_max > *max_g) {
+        const float rescale = expf(*max_g - tile_max);
+        *sum_g *= rescale;
+        for (int c = 0; c < dim; c += TILE) store_vec(acc_g + c, load_vec(acc_g + c) * rescale);
+        *max_g = tile_max;
+    }
+    const vfloat weights = exp_vec(scores - *max_g);
+    *sum_g += sum_of(weights);
+    return weights;
+}
+
+static inline void accumulate_tile(const float *values, vfloat weights, int n, int dim,
+                                   float *acc_g) {
+    for (int c = 0; c < dim; c += TILE) {
+        vfloat acc = load_vec(acc_g + c);
+        for (int j = 0; j < n; ++j) acc += weights[j] * load_vec(values + j * dim + c);
+        store_vec(acc_g + c, acc);
+    }
+}
+
+static inline void load_queries(const task_args *a, int t, int bf16, int dim, float *qf) {
+    const size_t first = ((size_t)t * a->num_heads + (size_t)a->kvh * a->group) * dim;
+    for (int i = 0; i < a->group * dim; ++i) {
+        const float x = bf16 ? f32_from_bf16(((const uint16_t *)a->q)[first + i])
+                             : ((const float *)a->q)[first + i];
+        qf[i] = x;
+    }
+}
+
+static inline void store_outputs(const task_args *a, int t, int bf16, int dim, const float *acc,
+                                 const float *sums) {
+    const size_t first = ((size_t)t * a->num_heads + (size_t)a->kvh * a->group) * dim;
+    for (int g = 0; g < a->group; ++g) {
+        const float inv = 1.f / sums[g];
+        for (int d = 0; d < dim; ++d) {
+            const float x = acc[g * dim + d] * inv;
+            if (bf16)
+                ((uint16_t *)a->out)[first + g * dim + d] = bf16_from_f32(x);
+            else
+                ((float *)a->out)[first + g * dim + d] = x;
+        }
+    }
+}
+
+/* Query head g's raw scores straight from the bf16 cache (only where the CPU has a bf16 dot). */
+static inline vfloat dot_tile_native(const task_args *a, int t, int g, int start, int n,
+                                     int dim) {
+#if NATIVE_BF16_DOT
+    const size_t head = (size_t)t * a->num_heads + (size_t)a->kvh * a->group + g;
+    return dot_tile_bf16(a, (const uint16_t *)a->q + head * dim, start, n, dim);
+#else
+    (void)a, (void)t, (void)g, (void)start, (void)n, (void)dim;
+    return (vfloat){0};
+#endif
+}
+
+/* One (sequence, kv head) task: per query position a single pass over its context, tile by
+ * tile, with an online softmax (rescale the accumulators when the max grows). */
+static inline __attribute__((always_inline)) void attend(const task_args *a, int bf16, int dim) {
+    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
+    float qf[MAX_GROUP * MAX_DIM] __attribute__((aligned(64)));
+    float acc[MAX_GROUP * MAX_DIM] __attribute__((aligned(64)));
+    float tile[TILE * MAX_DIM] __attribute__((aligned(64)));
+    float maxs[MAX_GROUP], sums[MAX_GROUP];
+    vfloat weights[MAX_GROUP];
+    for (int t = a->q_begin; t < a->q_end; ++t) {
+        const int pos = a->ctx - (a->q_end - t);
+        const int lo = (a->window > 0 && pos - a->window + 1 > 0) ? pos - a->window + 1 : 0;
+        const int first_pass = t == a->q_begin, last_pass = t == a->q_end - 1;
+        const int num_tiles = (pos - lo) / TILE + 1;
+        const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
+        load_queries(a, t, bf16, dim, qf);
+        memset(acc, 0, sizeof(float) * a->group * dim);
+        for (int g = 0; g < a->group; ++g) maxs[g] = MASKED, sums[g] = 0.f;
+        if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < pos ? lo + PREFETCH_ROWS : pos + 1,
+                                      row_bytes);
+        for (int i = 0; i < num_tiles; ++i) {
+            const int start = lo + i * TILE, n = pos + 1 - start < TILE ? pos + 1 - start : TILE;
+            const int ahead = start + PREFETCH_ROWS;
+            if (first_pass && ahead <= pos)
+                prefetch_rows(a, ahead, ahead + TILE <= pos ? ahead + TILE : pos + 1, row_bytes);
+            if (last_pass && a->next)
+                prefetch_span(a->next, i * next_blocks / num_tiles,
+                              (i + 1) * next_blocks / num_tiles, a->block_shift, row_bytes);
+            const int widen_keys = !(bf16 && NATIVE_BF16_DOT);
+            if (widen_keys) widen_tile(a, a->span.k_head, start, n, bf16, dim, tile);
+            for (int g = 0; g < a->group; ++g) {
+                const vfloat dots = widen_keys ? dot_tile_f32(qf + g * dim, tile, n, dim)
+                                               : dot_tile_native(a, t, g, start, n, dim);
+                weights[g] = fold_tile(dots, a->scale, n, dim, &maxs[g], &sums[g],
+                                       acc + g * dim);
+            }
+            widen_tile(a, a->span.v_head, start, n, bf16, dim, tile);
+            for (int g = 0; g < a->group; ++g)
+                accumulate_tile(tile, weights[g], n, dim, acc + g * dim);
+        }
+        store_outputs(a, t, bf16, dim, acc, sums);
+    }
+}
+
+/* Specialised per dtype and head dim so the inner loops have fixed trip counts. */
+#define DEFINE_ATTEND(BF16, DIM) \
+    static void attend_##BF16##_##DIM(const task_args *a) { attend(a, BF16, DIM); }
+#define DEFINE_DIMS(BF16) \
+    DEFINE_ATTEND(BF16, 32) DEFINE_ATTEND(BF16, 64) DEFINE_ATTEND(BF16, 80) \
+    DEFINE_ATTEND(BF16, 96) DEFINE_ATTEND(BF16, 128) DEFINE_ATTEND(BF16, 256)
+DEFINE_DIMS(0)
+DEFINE_DIMS(1)
+
+typedef void (*attend_fn)(const task_args *);
+
+static attend_fn attend_for(int bf16, int dim) {
+    static const attend_fn by_dim[2][6] = {
+        {attend_0_32, attend_0_64, attend_0_80, attend_0_96, attend_0_128, attend_0_256},
+        {attend_1_32, attend_1_64, attend_1_80, attend_1_96, attend_1_128, attend_1_256},
+    };
+    const int index = dim == 32 ? 0 : dim == 64 ? 1 : dim == 80 ? 2 : dim == 96 ? 3
+                    : dim == 128 ? 4 : 5;
+    return by_dim[bf16][index];
+}
+
+typedef struct {
+    const void *q, *k_cache, *v_cache;
+    const int64_t *block_tables;
+    const int32_t *query_start, *context_lens;
+    void *out;
+    int num_heads, num_kv_heads, head_dim, block_shift, max_blocks, window, bf16;
+    int64_t head_bytes;
+    float scale;
+} call_args;
+
+/* The blocks task `task` reads (its first query position sets the window's start). */
+static task_span span_of(const call_args *c, int task) {
+    const int s = task / c->num_kv_heads, kvh = task % c->num_kv_heads;
+    const int ctx = c->context_lens[s];
+    const int first_pos = ctx - (c->query_start[s + 1] - c->query_start[s]);
+    const int lo = (c->window > 0 && first_pos - c->window + 1 > 0) ? first_pos - c->window + 1
+                                                                    : 0;
+    task_span span = {(const char *)c->k_cache + kvh * c->head_bytes,
+                      (const char *)c->v_cache + kvh * c->head_bytes,
+                      c->block_tables + (int64_t)s * c->max_blocks, lo >> c->block_shift,
+                      (ctx - 1) >> c->block_shift};
+    return span;
+}
+
+static void run_task(const call_args *c, attend_fn fn, int task, const task_span *next) {
+    const int s = task / c->num_kv_heads;
+    task_args a = {c->q, span_of(c, task), c->query_start[s], c->query_start[s + 1],
+                   c->context_lens[s], task % c->num_kv_heads, c->num_heads / c->num_kv_heads,
+                   c->num_heads, c->block_shift, c->window, c->scale, next, c->out};
+    fn(&a);
+}
+
+/* Tasks are handed out one at a time from a shared counter (contexts differ in length, so a
+ * static split would idle a thread); each thread claims its next task before running the
+ * current one, so it knows which blocks to prefetch. */
+static int run(const call_args *c, int num_seqs, int num_threads) {
+    if (c->num_heads / c->num_kv_heads > MAX_GROUP || c->block_shift > MAX_BLOCK_SHIFT
+        || !supports_head_dim(c->head_dim))
+        return -1;
+    const attend_fn fn = attend_for(c->bf16, c->head_dim);
+    const int num_tasks = num_seqs * c->num_kv_heads;
+    int counter = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int task = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        while (task < num_tasks) {
+            const int following = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+            task_span next;
+            if (following < num_tasks) next = span_of(c, following);
+            run_task(c, fn, task, following < num_tasks ? &next : NULL);
+            task = following;
+        }
+    }
+    return 0;
+}
+
+#define DEFINE_ENTRY(NAME, T, BF16)                                                           \
 int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,         \
          const int32_t *query_start, const int32_t *context_lens, T *out, int num_seqs,        \
          int num_heads, int num_kv_heads, int head_dim, int num_blocks, int block_shift,       \
          int max_blocks, float scale, int window, int num_threads) {                           \
-    const int group = num_heads / num_kv_heads;                                                \
-    const int64_t head_stride = (int64_t)num_blocks * ((int64_t)1 << block_shift) * head_dim;  \
-    if (group > MAX_GROUP || block_shift > MAX_BLOCK_SHIFT) return -1;                         \
-    if (head_dim != 32 && head_dim != 64 && head_dim != 80 && head_dim != 96                   \
-        && head_dim != 128 && head_dim != 256) return -1;                                      \
-    const int num_tasks = num_seqs * num_kv_heads;                                             \
-    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(num_threads)")                  \
-    for (int task = 0; task < num_tasks; ++task) {                                             \
-        const int s = task / num_kv_heads, kvh = task % num_kv_heads;                          \
-            const int ctx = context_lens[s];                                                       \
-        const T *k_head = k_cache + kvh * head_stride, *v_head = v_cache + kvh * head_stride;  \
-        const int64_t *table = block_tables + (int64_t)s * max_blocks;                         \
-        const int qb = query_start[s], qe = query_start[s + 1];                                \
-        switch (head_dim) {                                                                    \
-        case 32: NAME##_d32(q, k_head, v_head, table, qb, qe, ctx, kvh, group, num_heads,      \
-                            block_shift, scale, window, out); break;                   \
-        case 64: NAME##_d64(q, k_head, v_head, table, qb, qe, ctx, kvh, group, num_heads,      \
-                            block_shift, scale, window, out); break;                   \
-        case 80: NAME##_d80(q, k_head, v_head, table, qb, qe, ctx, kvh, group, num_heads,      \
-                            block_shift, scale, window, out); break;                   \
-        case 96: NAME##_d96(q, k_head, v_head, table, qb, qe, ctx, kvh, group, num_heads,      \
-                            block_shift, scale, window, out); break;                   \
-        case 128: NAME##_d128(q, k_head, v_head, table, qb, qe, ctx, kvh, group, num_heads,    \
-                              block_shift, scale, window, out); break;                 \
-        default: NAME##_d256(q, k_head, v_head, table, qb, qe, ctx, kvh, group, num_heads,     \
-                             block_shift, scale, window, out); break;                  \
-        }                                                                                      \
-    }                                                                                          \
-    return 0;                                                                                  \
+    const int64_t head_bytes = (int64_t)num_blocks * ((int64_t)1 << block_shift) * head_dim    \
+                               * (int64_t)sizeof(T);                                            \
+    call_args c = {q, k_cache, v_cache, block_tables, query_start, context_lens, out,          \
+                   num_heads, num_kv_heads, head_dim, block_shift, max_blocks, window, BF16,   \
+                   head_bytes, scale};                                                          \
+    return run(&c, num_seqs, num_threads);                                                     \
 }
 
-DEFINE_KERNEL(paged_attention_f32, float, IDENTITY, IDENTITY)
-DEFINE_KERNEL(paged_attention_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
-
-int max_group(void) { return MAX_GROUP; }
-int supports_head_dim(int d) {
-    return d == 32 || d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
-}
+DEFINE_ENTRY(paged_attention_f32, float, 0)
+DEFINE_ENTRY(paged_attention_bf16, uint16_t, 1)

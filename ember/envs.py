@@ -19,3 +19,9 @@ def fused_ops() -> bool:
     """Whether the decoder uses ember's fused Triton ops on a GPU: $EMBER_FUSED_OPS=1 (default
     off until measured on a GPU; see ember/model/triton_ops.py)."""
     return os.environ.get("EMBER_FUSED_OPS", "0") == "1"
+
+
+def cpu_fused_ops() -> bool:
+    """Whether the decoder uses ember's fused C ops on the CPU (ember/model/cpu_ops.py):
+    on unless $EMBER_CPU_FUSED_OPS=0."""
+    return os.environ.get("EMBER_CPU_FUSED_OPS", "1") != "0"

@@ -14,20 +14,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember import envs
+from ember.model import cpu_ops
 from ember.model.registry import RopeConfig
-
-FUSED_ON_CPU = False  # tests set it to run the fused ops on CPU tensors in triton's interpreter
 
 
 def fused_ops(x: torch.Tensor) -> ModuleType | None:
-    """ember.model.triton_ops for a tensor on a GPU when EMBER_FUSED_OPS=1; None on a CPU,
-    without triton, or when off."""
-    return _triton_ops() if (x.is_cuda and _gpu_fusion_on()) or FUSED_ON_CPU else None
+    """The fused elementwise ops for x, or None for the PyTorch ops: ember.model.cpu_ops for a
+    float32/bfloat16 CPU tensor (unless EMBER_CPU_FUSED_OPS=0 or no C compiler), and
+    ember.model.triton_ops for a GPU tensor when EMBER_FUSED_OPS=1."""
+    if x.is_cuda:
+        return _triton_ops() if _gpu_fusion_on() else None
+    return cpu_ops if _cpu_fusion_on() and cpu_ops.supports(x) else None
 
 
 @functools.cache
 def _gpu_fusion_on() -> bool:
     return envs.fused_ops()
+
+
+@functools.cache
+def _cpu_fusion_on() -> bool:
+    return envs.cpu_fused_ops()
 
 
 @functools.cache
@@ -102,7 +109,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
         ops = fused_ops(x)
-        if ops is not None and x.dim() == 2 and x.is_contiguous():
+        if ops is not None and x.is_contiguous():
             return ops.rms_norm(x, self.weight, self.eps)[0]
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normed.to(x.dtype)

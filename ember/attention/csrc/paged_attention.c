@@ -19,6 +19,8 @@
 #endif
 
 #define MAX_GROUP 64
+#define MAX_ROWS 64         /* (query position, head) pairs attended together */
+#define MAX_QUERY_BLOCK 16  /* query positions of a prefill chunk attended together */
 #define MAX_DIM 256
 #define MAX_BLOCK_SHIFT 7
 #define TILE 16               /* positions per tile == lanes per vector */
@@ -241,12 +243,13 @@ static inline vfloat dot_tile_bf16(const task_args *a, const uint16_t *qg, int s
 #define NATIVE_BF16_DOT 0
 #endif
 
-/* A tile's scores folded into query head g's running max, sum and accumulator; returns the
- * tile's softmax weights (0 past the n valid rows). */
-static inline vfloat fold_tile(vfloat dots, float scale, int n, int dim, float *max_g,
-                               float *sum_g, float *acc_g) {
+/* A tile's scores folded into one query head's running max, sum and accumulator; returns the
+ * tile's softmax weights (0 outside lanes [first, end), the positions that query attends). */
+static inline vfloat fold_tile(vfloat dots, float scale, int first, int end, int dim,
+                               float *max_g, float *sum_g, float *acc_g) {
     const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const vfloat scores = blend(lane < n, dots * scale, splat(MASKED));
+    const vint valid = (lane >= first) & (lane < end);
+    const vfloat scores = blend(valid, dots * scale, splat(MASKED));
     const float tile_max = max_of(scores);
     if (tile_max > *max_g) {
         const float rescale = expf(*max_g - tile_max);
@@ -254,7 +257,7 @@ static inline vfloat fold_tile(vfloat dots, float scale, int n, int dim, float *
         for (int c = 0; c < dim; c += TILE) store_vec(acc_g + c, load_vec(acc_g + c) * rescale);
         *max_g = tile_max;
     }
-    const vfloat weights = exp_vec(scores - *max_g);
+    const vfloat weights = blend(valid, exp_vec(scores - *max_g), splat(0.f));
     *sum_g += sum_of(weights);
     return weights;
 }
@@ -304,47 +307,68 @@ static inline vfloat dot_tile_native(const task_args *a, int t, int g, int start
 #endif
 }
 
-/* One (sequence, kv head) task: per query position a single pass over its context, tile by
- * tile, with an online softmax (rescale the accumulators when the max grows). */
+/* One (sequence, kv head) task. Query positions go in blocks (a decode step has one): each
+ * block makes a single pass over the union of its contexts, tile by tile, so a prefill chunk
+ * reads and widens each key and value row once per block instead of once per position. Each
+ * (position, head) keeps an online softmax (its accumulator rescaled when its max grows). */
 static inline __attribute__((always_inline)) void attend(const task_args *a, int bf16, int dim) {
     const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
-    float qf[MAX_GROUP * MAX_DIM] __attribute__((aligned(64)));
-    float acc[MAX_GROUP * MAX_DIM] __attribute__((aligned(64)));
+    float qf[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
+    float acc[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float tile[TILE * MAX_DIM] __attribute__((aligned(64)));
-    float maxs[MAX_GROUP], sums[MAX_GROUP];
-    vfloat weights[MAX_GROUP];
-    for (int t = a->q_begin; t < a->q_end; ++t) {
-        const int pos = a->ctx - (a->q_end - t);
-        const int lo = (a->window > 0 && pos - a->window + 1 > 0) ? pos - a->window + 1 : 0;
-        const int first_pass = t == a->q_begin, last_pass = t == a->q_end - 1;
-        const int num_tiles = (pos - lo) / TILE + 1;
-        const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
-        load_queries(a, t, bf16, dim, qf);
-        memset(acc, 0, sizeof(float) * a->group * dim);
-        for (int g = 0; g < a->group; ++g) maxs[g] = MASKED, sums[g] = 0.f;
-        if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < pos ? lo + PREFETCH_ROWS : pos + 1,
-                                      row_bytes);
+    float maxs[MAX_ROWS], sums[MAX_ROWS];
+    vfloat weights[MAX_ROWS];
+    const int group = a->group;
+    const int per_block = MAX_ROWS / group < MAX_QUERY_BLOCK ? MAX_ROWS / group : MAX_QUERY_BLOCK;
+    const int widen_keys = !(bf16 && NATIVE_BF16_DOT);
+    const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
+    for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
+        const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
+        const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1) ;
+        const int lo = (a->window > 0 && pos0 - a->window + 1 > 0) ? pos0 - a->window + 1 : 0;
+        const int first_pass = t0 == a->q_begin, last_pass = t1 == a->q_end;
+        const int num_tiles = (last_pos - 1 - lo) / TILE + 1;
+        const int rows = (t1 - t0) * group;
+        for (int t = t0; t < t1; ++t) load_queries(a, t, bf16, dim, qf + (t - t0) * group * dim);
+        memset(acc, 0, sizeof(float) * rows * dim);
+        for (int r = 0; r < rows; ++r) maxs[r] = MASKED, sums[r] = 0.f;
+        if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < last_pos ? lo + PREFETCH_ROWS
+                                                                         : last_pos, row_bytes);
         for (int i = 0; i < num_tiles; ++i) {
-            const int start = lo + i * TILE, n = pos + 1 - start < TILE ? pos + 1 - start : TILE;
+            const int start = lo + i * TILE;
+            const int n = last_pos - start < TILE ? last_pos - start : TILE;
             const int ahead = start + PREFETCH_ROWS;
-            if (first_pass && ahead <= pos)
-                prefetch_rows(a, ahead, ahead + TILE <= pos ? ahead + TILE : pos + 1, row_bytes);
+            if (first_pass && ahead < last_pos)
+                prefetch_rows(a, ahead, ahead + TILE < last_pos ? ahead + TILE : last_pos,
+                              row_bytes);
             if (last_pass && a->next)
                 prefetch_span(a->next, i * next_blocks / num_tiles,
                               (i + 1) * next_blocks / num_tiles, a->block_shift, row_bytes);
-            const int widen_keys = !(bf16 && NATIVE_BF16_DOT);
             if (widen_keys) widen_tile(a, a->span.k_head, start, n, bf16, dim, tile);
-            for (int g = 0; g < a->group; ++g) {
-                const vfloat dots = widen_keys ? dot_tile_f32(qf + g * dim, tile, n, dim)
-                                               : dot_tile_native(a, t, g, start, n, dim);
-                weights[g] = fold_tile(dots, a->scale, n, dim, &maxs[g], &sums[g],
-                                       acc + g * dim);
+            for (int t = t0; t < t1; ++t) {
+                /* lanes [first, end) of this tile are inside position t's causal window */
+                const int pos = a->ctx - (a->q_end - t);
+                const int t_lo = (a->window > 0 && pos - a->window + 1 > 0) ? pos - a->window + 1
+                                                                            : 0;
+                const int first = t_lo > start ? t_lo - start : 0;
+                const int end = pos + 1 - start < n ? pos + 1 - start : n;
+                for (int g = 0; g < group; ++g) {
+                    const int r = (t - t0) * group + g;
+                    if (first >= end) {
+                        weights[r] = splat(0.f);
+                        continue;
+                    }
+                    const vfloat dots = widen_keys ? dot_tile_f32(qf + r * dim, tile, end, dim)
+                                                   : dot_tile_native(a, t, g, start, end, dim);
+                    weights[r] = fold_tile(dots, a->scale, first, end, dim, &maxs[r], &sums[r],
+                                           acc + r * dim);
+                }
             }
             widen_tile(a, a->span.v_head, start, n, bf16, dim, tile);
-            for (int g = 0; g < a->group; ++g)
-                accumulate_tile(tile, weights[g], n, dim, acc + g * dim);
+            for (int r = 0; r < rows; ++r) accumulate_tile(tile, weights[r], n, dim, acc + r * dim);
         }
-        store_outputs(a, t, bf16, dim, acc, sums);
+        for (int t = t0; t < t1; ++t)
+            store_outputs(a, t, bf16, dim, acc + (t - t0) * group * dim, sums + (t - t0) * group);
     }
 }
 

@@ -70,13 +70,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox RoPE of x [T, heads, head_dim] (rows may be strided, the last dim contiguous) with
-    cos/sin [T, 1, head_dim] -> a new contiguous [T, heads, head_dim]."""
-    num_tokens, num_heads, head_dim = x.shape
+    """As triton_ops.apply_rope: x [T, heads, head_dim], its last dim contiguous -> a new
+    contiguous tensor of the same shape."""
     if x.stride(2) != 1:
         raise ValueError("apply_rope needs the head dimension contiguous")
-    out = torch.empty(x.shape, dtype=x.dtype)
+    num_tokens, num_heads, head_dim = x.shape
     cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
     load_library().apply_rope(_ptr(x), _ptr(cos), _ptr(sin), _ptr(out), ctypes.c_int(num_tokens),
                               ctypes.c_int(num_heads), ctypes.c_int(head_dim // 2),
                               ctypes.c_long(x.stride(0)), ctypes.c_long(x.stride(1)),

@@ -58,6 +58,8 @@ def main() -> None:
                                  cpu_kernel._FLAGS, cpu_kernel._LINK_FLAGS)
         for name in ("paged_attention_f32", "paged_attention_bf16"):
             getattr(old_lib, name).restype = ctypes.c_int
+        if not hasattr(old_lib, "write_kv"):  # sources before write_kv: compare attention only
+            old_lib.write_kv = new_lib.write_kv
 
     def use(new: bool) -> None:
         if args.what == "ops":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
-from ember.attention.cpu_kernel import kernel_supports, load_kernel, paged_attention
+from ember.attention.cpu_kernel import kernel_supports, load_kernel, paged_attention, write_kv
 
 
 @dataclass
@@ -157,10 +157,13 @@ class TorchBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata: TorchMetadata, spec: AttentionSpec):
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [kv_heads, blocks, block, dim]
-        flat_shape = (spec.num_kv_heads, -1, spec.head_dim)
-        key_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
-        value_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, v.transpose(0, 1))
         kernel = metadata.kernel
+        if kernel is None or not write_kv(self._lib, k, v, key_cache, value_cache,
+                                          metadata.slot_mapping):
+            flat_shape = (spec.num_kv_heads, -1, spec.head_dim)
+            key_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
+            value_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping,
+                                                     v.transpose(0, 1))
         if kernel is not None and kernel_supports(self._lib, q.dtype, spec.num_heads,
                                                   spec.num_kv_heads, spec.head_dim):
             return paged_attention(self._lib, q, key_cache, value_cache, kernel.block_tables,

@@ -94,3 +94,34 @@ def test_kernel_matches_dense_attention(kernel, dtype, head_dim, block_size, hea
         rows = slice(query_start[s].item(), query_start[s + 1].item())
         expected = _dense_reference(q[rows], keys, values, q_len, scale, window)
         torch.testing.assert_close(out[rows].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_index_copy_on_strided_rows(dtype):
+    """K and V as the model hands them over (strided views of one qkv tensor) land in the
+    same slots as PyTorch's index_copy_ puts them; a slot outside the cache writes nothing."""
+    lib = load_kernel()
+    if lib is None:
+        pytest.skip("no C compiler here: the kernel is not built")
+    gen = torch.Generator().manual_seed(7)
+    kv_heads, blocks, block, dim, tokens = 3, 10, 4, 32, 9
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    k = qkv[:, 4 * dim:(4 + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (4 + kv_heads) * dim:].view(tokens, kv_heads, dim)
+    slots = torch.randperm(blocks * block, generator=gen)[:tokens]
+    caches = torch.zeros(2, kv_heads, blocks, block, dim, dtype=dtype)
+    expected = caches.clone()
+    assert cpu_kernel.write_kv(lib, k, v, caches[0], caches[1], slots)
+    flat = (kv_heads, -1, dim)
+    expected[0].view(flat).index_copy_(1, slots, k.transpose(0, 1))
+    expected[1].view(flat).index_copy_(1, slots, v.transpose(0, 1))
+    assert torch.equal(caches, expected)
+
+    before = caches.clone()
+    bad = slots.clone()
+    bad[-1] = blocks * block
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_kernel.write_kv(lib, k, v, caches[0], caches[1], bad)
+    assert torch.equal(caches, before)
+    assert not cpu_kernel.write_kv(lib, k.float() if dtype != torch.float32 else k.double(), v,
+                                   caches[0], caches[1], slots)  # dtype mismatch: caller's path

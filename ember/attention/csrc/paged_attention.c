@@ -464,3 +464,22 @@ int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_ta
 
 DEFINE_ENTRY(paged_attention_f32, float, 0)
 DEFINE_ENTRY(paged_attention_bf16, uint16_t, 1)
+
+/* A step's K and V rows into their cache slots (the cache as [kv_heads, slots, dim]); k and v
+ * are [tokens, kv_heads, dim] with rows contiguous, at the given element strides. Returns -1,
+ * writing nothing, if a slot is outside the cache. */
+int write_kv(const char *k, const char *v, char *key_cache, char *value_cache,
+             const int64_t *slots, int tokens, int kv_heads, int dim, int64_t num_slots,
+             int64_t k_stride_tok, int64_t k_stride_head, int64_t v_stride_tok,
+             int64_t v_stride_head, int elem_bytes) {
+    for (int t = 0; t < tokens; ++t)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    const size_t row = (size_t)dim * elem_bytes;
+    for (int t = 0; t < tokens; ++t)
+        for (int h = 0; h < kv_heads; ++h) {
+            const size_t at = ((size_t)h * num_slots + slots[t]) * row;
+            memcpy(key_cache + at, k + (t * k_stride_tok + h * k_stride_head) * elem_bytes, row);
+            memcpy(value_cache + at, v + (t * v_stride_tok + h * v_stride_head) * elem_bytes, row);
+        }
+    return 0;
+}

@@ -28,11 +28,17 @@ def cpu_signature() -> str:
         return platform.processor()
 
 
+_HEADERS = Path(__file__).parent / "csrc"  # shared by every source: `#include "bf16.h"`
+
+
 def load_c_library(name: str, source: bytes, compile_flags: list[str], link_flags: list[str],
                    extra_key: bytes = b"") -> ctypes.CDLL | None:
     """The library built from `source` (compiled, then linked: see cpu_kernel.py for why
     linking is a separate step), or None with a warning naming what failed."""
-    key = hashlib.sha256(source + " ".join(compile_flags + link_flags).encode() + extra_key)
+    compile_flags = [*compile_flags, f"-I{_HEADERS}"]
+    headers = b"".join(p.read_bytes() for p in sorted(_HEADERS.glob("*.h")))
+    key = hashlib.sha256(source + headers + " ".join(compile_flags + link_flags).encode()
+                         + extra_key)
     lib_path = cache_dir() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     try:
         if not lib_path.exists():

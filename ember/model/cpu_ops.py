@@ -1,6 +1,7 @@
 """The decoder's fused elementwise ops on the CPU, with the same calls as ember.model.triton_ops:
-residual add + RMSNorm and neox RoPE in C (csrc/cpu_ops.c); SiLU-and-mul stays PyTorch's, which
-measured as fast as a fused C loop (its cost is exp, not memory traffic).
+residual add + RMSNorm and neox RoPE in C (csrc/cpu_ops.c). There is no SiLU-and-mul: a fused C
+loop measured no faster than PyTorch's (its cost is exp, not memory traffic), so layers.py keeps
+PyTorch's for it.
 
 A decode step's elementwise work in PyTorch is a dozen small ops per layer, each with its own
 temporaries; these do each in one pass. float32 and bfloat16 only (`supports`).
@@ -13,7 +14,6 @@ from functools import cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ember.native import cpu_signature, load_c_library
 
@@ -59,14 +59,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                             ctypes.c_int(x.numel() // dim), ctypes.c_int(dim),
                             ctypes.c_float(eps), ctypes.c_int(_KIND[x.dtype]), _threads())
     return out, x
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2 * inter], [gate | up] -> silu(gate) * up [T, inter], in PyTorch."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    out = F.silu(gate)
-    out *= up
-    return out
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -173,9 +173,9 @@ class GatedMLP(nn.Module):
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2 * inter] laid out [gate | up] -> silu(gate) * up [..., inter]."""
-    ops = fused_ops(gate_up)
-    if ops is not None and gate_up.is_contiguous():
-        return ops.silu_and_mul(gate_up)
+    fused = getattr(fused_ops(gate_up), "silu_and_mul", None)  # the CPU ops have none
+    if fused is not None and gate_up.is_contiguous():
+        return fused(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     out = F.silu(gate)
     out *= up

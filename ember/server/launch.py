@@ -18,7 +18,6 @@ from ember.server.state import ServerState
 logger = logging.getLogger(__name__)
 
 
-
 def check_model_dir(model: str) -> None:
     path = Path(model).expanduser()
     if not path.is_dir():

@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
@@ -66,21 +68,6 @@ static inline vfloat blend(vint mask, vfloat a, vfloat b) {
     vfloat out;
     memcpy(&out, &r, sizeof out);
     return out;
-}
-
-static inline float f32_from_bf16(uint16_t x) {
-    const uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t bf16_from_f32(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
 }
 
 /* 16 vectors -> one vector whose lane j is the sum of vector j's lanes (4 shuffle levels). */
@@ -274,7 +261,7 @@ static inline void accumulate_tile(const float *values, vfloat weights, int n, i
 static inline void load_queries(const task_args *a, int t, int bf16, int dim, float *qf) {
     const size_t first = ((size_t)t * a->num_heads + (size_t)a->kvh * a->group) * dim;
     for (int i = 0; i < a->group * dim; ++i) {
-        const float x = bf16 ? f32_from_bf16(((const uint16_t *)a->q)[first + i])
+        const float x = bf16 ? bf16_to_f32(((const uint16_t *)a->q)[first + i])
                              : ((const float *)a->q)[first + i];
         qf[i] = x;
     }
@@ -288,7 +275,7 @@ static inline void store_outputs(const task_args *a, int t, int bf16, int dim, c
         for (int d = 0; d < dim; ++d) {
             const float x = acc[g * dim + d] * inv;
             if (bf16)
-                ((uint16_t *)a->out)[first + g * dim + d] = bf16_from_f32(x);
+                ((uint16_t *)a->out)[first + g * dim + d] = f32_to_bf16(x);
             else
                 ((float *)a->out)[first + g * dim + d] = x;
         }
@@ -324,12 +311,14 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
     const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
-        const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1) ;
+        const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1);
         const int lo = (a->window > 0 && pos0 - a->window + 1 > 0) ? pos0 - a->window + 1 : 0;
         const int first_pass = t0 == a->q_begin, last_pass = t1 == a->q_end;
         const int num_tiles = (last_pos - 1 - lo) / TILE + 1;
         const int rows = (t1 - t0) * group;
-        for (int t = t0; t < t1; ++t) load_queries(a, t, bf16, dim, qf + (t - t0) * group * dim);
+        if (widen_keys)  /* the bf16 dot reads the queries in place */
+            for (int t = t0; t < t1; ++t)
+                load_queries(a, t, bf16, dim, qf + (t - t0) * group * dim);
         memset(acc, 0, sizeof(float) * rows * dim);
         for (int r = 0; r < rows; ++r) maxs[r] = MASKED, sums[r] = 0.f;
         if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < last_pos ? lo + PREFETCH_ROWS
@@ -417,9 +406,10 @@ static task_span span_of(const call_args *c, int task) {
     return span;
 }
 
-static void run_task(const call_args *c, attend_fn fn, int task, const task_span *next) {
+static void run_task(const call_args *c, attend_fn fn, int task, task_span span,
+                     const task_span *next) {
     const int s = task / c->num_kv_heads;
-    task_args a = {c->q, span_of(c, task), c->query_start[s], c->query_start[s + 1],
+    task_args a = {c->q, span, c->query_start[s], c->query_start[s + 1],
                    c->context_lens[s], task % c->num_kv_heads, c->num_heads / c->num_kv_heads,
                    c->num_heads, c->block_shift, c->window, c->scale, next, c->out};
     fn(&a);
@@ -438,12 +428,14 @@ static int run(const call_args *c, int num_seqs, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
     {
         int task = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
+        task_span span = task < num_tasks ? span_of(c, task) : (task_span){0};
         while (task < num_tasks) {
             const int following = __atomic_fetch_add(&counter, 1, __ATOMIC_RELAXED);
-            task_span next;
-            if (following < num_tasks) next = span_of(c, following);
-            run_task(c, fn, task, following < num_tasks ? &next : NULL);
+            const int has_next = following < num_tasks;
+            const task_span next = has_next ? span_of(c, following) : (task_span){0};
+            run_task(c, fn, task, span, has_next ? &next : NULL);
             task = following;
+            span = next;
         }
     }
     return 0;

@@ -1,6 +1,7 @@
-/* Fused elementwise ops of the decoder on the CPU: residual add + RMSNorm and neox RoPE. Each replaces several PyTorch ops (and their temporaries) with one pass over the rows,
- * and rounds to bf16 where PyTorch's ops round, so results are PyTorch's up to the order of the
- * fp32 sum of squares. Built at run time by ember/model/cpu_ops.py.
+/* Fused elementwise ops of the decoder on the CPU: residual add + RMSNorm and neox RoPE. Each
+ * replaces several PyTorch ops (and their temporaries) with one pass over the rows, and rounds
+ * to bf16 where PyTorch's ops round, so results are PyTorch's up to the order of the fp32 sum
+ * of squares. Built at run time by ember/model/cpu_ops.py.
  *
  * `kind` 0 is float32, 1 bfloat16 (raw 16-bit words); contiguous rows unless a stride is given.
  */
@@ -9,34 +10,23 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define PARALLEL_MIN_ELEMENTS 32768 /* below this a step's op is faster on one thread */
 
-static inline float from_bf16(uint16_t x) {
-    const uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t nearest = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16; /* ties to even */
-    const uint32_t quiet_nan = (u >> 16) | 0x40u;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : nearest); /* no branch */
-}
-
 /* x rounded to the storage dtype, kept as float. */
-static inline float round_to(float x, int kind) { return kind ? from_bf16(to_bf16(x)) : x; }
+static inline float round_to(float x, int kind) {
+    return kind ? bf16_to_f32(f32_to_bf16(x)) : x;
+}
 
 static inline float load(const void *p, size_t i, int kind) {
-    return kind ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return kind ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 /* Stores a value already rounded by round_to. */
 static inline void store(void *p, size_t i, float x, int kind) {
     if (kind)
-        ((uint16_t *)p)[i] = to_bf16(x);
+        ((uint16_t *)p)[i] = f32_to_bf16(x);
     else
         ((float *)p)[i] = x;
 }

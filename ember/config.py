@@ -155,6 +155,10 @@ class DisaggConfig:
     kv_transfer_host: str = field(
         default="127.0.0.1", metadata={"help": "Address peers reach this worker's KV on."}
     )
+    kv_transfer_layerwise: bool = field(
+        default=True, metadata={"help": "Prefill role: send each layer's KV while the next "
+                                        "layers compute (else all layers after the forward)."}
+    )
     kv_reservation_ttl_s: float = field(
         default=30.0, metadata={"help": "Decode role: seconds blocks reserved for a remote "
                                         "prefill stay reserved before they are freed."}

@@ -145,6 +145,7 @@ def _transfer_stats(fleet: Fleet) -> dict[str, float] | None:
             return {"bytes": sent, "seconds": seconds, "segments": segments,
                     "mean_segment_kib": sent / segments / 1024 if segments else None,
                     "connect_seconds": values.get("ember:kv_transfer_connect_seconds_total"),
+                    "wait_seconds": values.get("ember:kv_transfer_wait_seconds_total"),
                     "gb_s": sent / seconds / 1e9 if seconds else None}
     return None
 

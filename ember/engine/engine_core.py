@@ -41,7 +41,8 @@ class EngineCore:
         self.remote_prefills = (RemotePrefills(self.scheduler, config.disagg.kv_reservation_ttl_s)
                                 if role == "decode" else None)
         self.kv_sender = (KVSender(parts.transport, parts.kv_layout, self.scheduler.kv,
-                                   self.runner.backend.block_dim + 1)
+                                   self.runner.backend.block_dim + 1,
+                                   layerwise=config.disagg.kv_transfer_layerwise)
                           if role == "prefill" else None)
         self._early_outputs: list[EngineCoreOutput] = []  # adopted requests' first tokens
         self._failures: list[tuple[str, str]] = []  # (request_id, why) failed mid-flight
@@ -141,9 +142,10 @@ class EngineCore:
         if sched.is_empty:
             self._idle()
             return outputs
-        result = self.runner.execute(sched)
-        if self.kv_sender is not None:  # before update: the prompts' blocks are still held
-            self._fail(self.kv_sender.send_computed_prompts(sched))
+        sends = self.kv_sender.plan(sched) if self.kv_sender is not None else None
+        result = self.runner.execute(sched, sends.after_layer if sends is not None else None)
+        if sends is not None:  # before update: the prompts' blocks are still held
+            self._fail(sends.finish())
         outputs += [_to_output(u) for u in self.scheduler.update(sched, result)]
         self._publish_kv_events()
         return outputs

@@ -5,6 +5,8 @@ Owns the KV cache tensors and per-sequence sampling generators; knows nothing of
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ember.attention.backend import AttentionBackend, BatchLayout
@@ -47,7 +49,9 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator | None] = {}
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def execute(self, sched: SchedulerOutput,
+                after_layer: Callable[[int], None] | None = None) -> RunnerOutput:
+        """`after_layer(i)` runs once layer i's KV is written (see ForwardContext)."""
         for seq_id in sched.finished_seq_ids:
             self._generators.pop(seq_id, None)
         if sched.kv_saves or sched.kv_loads:
@@ -55,7 +59,7 @@ class ModelRunner:
         if sched.block_copies:
             self._copy_blocks(sched.block_copies)
         input_ids, positions, layout = self._prepare_inputs(sched.chunks)
-        hidden = self._forward(input_ids, positions, layout)  # [num_tokens, hidden]
+        hidden = self._forward(input_ids, positions, layout, after_layer)  # [tokens, hidden]
         sample_idx, prompt_idx = self._logit_rows(sched.chunks)
         logits = self.model.compute_logits(hidden[sample_idx + prompt_idx])  # [rows, vocab]
         result = RunnerOutput(self._sample(sched.chunks, logits[: len(sample_idx)]))
@@ -64,12 +68,14 @@ class ModelRunner:
                                                            logits[len(sample_idx):])
         return result
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 layout: BatchLayout) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
+                 after_layer: Callable[[int], None] | None) -> torch.Tensor:
         metadata = self.backend.build_metadata(layout, self.device)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(layout):
+        if (after_layer is None and self.decode_graphs is not None
+                and self.decode_graphs.can_run(layout)):
             return self.decode_graphs.run(input_ids, positions)
-        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches)):
+        with forward_context(ForwardContext(self.backend, metadata, self.kv_caches,
+                                            after_layer)):
             return self.model(input_ids, positions)
 
     def _transfer_tier_blocks(self, saves: list[tuple[int, bytes]],

@@ -151,7 +151,9 @@ class Scheduler:
         budget = self._schedule_running(budget, chunks, copies)
         if self.num_preemptions == num_preemptions:  # no room was short: admit new work
             self._schedule_waiting(budget, chunks, copies)
-        finished, self._finished_seq_ids = self._finished_seq_ids, []
+        finished: list[int] = []
+        if chunks:  # an empty step runs nothing, so it would drop them: keep them for the next
+            finished, self._finished_seq_ids = self._finished_seq_ids, []
         out = SchedulerOutput(chunks, copies, finished, sum(c.num_tokens for c in chunks))
         if chunks:  # NOTE: no forward, no overwrite: transfers can wait for a step that has one
             out.kv_saves, out.kv_loads = self.kv.take_transfers()

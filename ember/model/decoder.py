@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.attention.context import layer_hook
 from ember.model.attention import Attention
 from ember.model.layers import Embedding, GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from ember.model.moe import SparseMoE
@@ -63,8 +64,11 @@ class DecoderModel(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary(positions, hidden.dtype)  # [T, 1, head_dim] each
         residual = None
-        for layer in self.layers:
+        after_layer = layer_hook()
+        for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, cos, sin)
+            if after_layer is not None:
+                after_layer(i)
         return self.norm.add_and_norm(hidden, residual)[0]
 
     def prepack_cpu(self) -> int:

@@ -54,6 +54,9 @@ class _EngineStatsCollector(Collector):
              s.kv_transfer_bytes),
             ("ember:kv_transfer_seconds", "Seconds spent writing KV to decode workers.",
              s.kv_transfer_seconds),
+            ("ember:kv_transfer_wait_seconds",
+             "Seconds the engine loop waited for KV writes after its forwards (the part of "
+             "the writes that did not overlap compute).", s.kv_transfer_wait_seconds),
             ("ember:kv_transfer_segments", "Contiguous pieces those KV writes were made of.",
              s.kv_transfer_segments),
             ("ember:kv_transfer_connect_seconds",

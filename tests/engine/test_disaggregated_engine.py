@@ -15,13 +15,13 @@ from ember.engine.sampling_params import SamplingParams
 from tests.factories import tiny_model_dir
 
 
-def _core(model_dir, role: str, backend: str = "shm") -> EngineCore:
+def _core(model_dir, role: str, backend: str = "shm", **options) -> EngineCore:
     # pools of different sizes: block ids must land by the decode pool's layout; on the CPU,
     # since the shm transport maps host memory (a GPU pool needs a CUDA build of Mooncake)
     kv_bytes = (3 << 20) if role == "prefill" else (4 << 20)
     return EngineCore(EngineConfig.from_options(
         str(model_dir), dtype="float32", role=role, kv_transfer_backend=backend,
-        kv_cache_memory=kv_bytes, block_size=4, device="cpu"))
+        kv_cache_memory=kv_bytes, block_size=4, device="cpu", **options))
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,112 @@ def test_roles_refuse_what_they_do_not_do(cores):
     with pytest.raises(ValueError, match="expired or released"):
         decode.add_request(EngineCoreRequest("w", [1, 2], SamplingParams(), 0.0,
                                              {"transfer_id": "nope", "first_token_ids": [1]}))
+
+
+class _WriteLog:
+    """Which writes a prefill core's transport got, and how many were queued by the time its
+    last decoder layer started computing."""
+
+    def __init__(self, core: EngineCore, monkeypatch) -> None:
+        self.queued: list[int] = []  # bytes per write_async
+        self.blocking: list[int] = []  # bytes per blocking write
+        self.queued_when_last_layer_ran: list[int] = []
+        transport = core.kv_sender.transport
+        write, write_async = transport.write, transport.write_async
+
+        def spy_write(peer, segments):
+            self.blocking.append(int(segments[:, 2].sum()))
+            return write(peer, segments)
+
+        def spy_write_async(peer, segments, ready=None):
+            self.queued.append(int(segments[:, 2].sum()))
+            return write_async(peer, segments, ready)
+
+        monkeypatch.setattr(transport, "write", spy_write)
+        monkeypatch.setattr(transport, "write_async", spy_write_async)
+        last = core.runner.model.layers[-1]
+        handle = last.register_forward_pre_hook(
+            lambda *_: self.queued_when_last_layer_ran.append(len(self.queued)))
+        monkeypatch.setattr(self, "_handle", handle, raising=False)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_layerwise_writes_overlap_the_forward(model_dir, cores, monkeypatch, layerwise):
+    colocated, _, decode = cores
+    prefill = _core(model_dir, "prefill", kv_transfer_layerwise=layerwise)
+    log = _WriteLog(prefill, monkeypatch)
+    num_layers = len(prefill.runner.model.layers)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, n=2)
+    prompt = list(range(600 + 100 * layerwise, 637 + 100 * layerwise))  # not cached on decode
+    try:
+        got = _disaggregated(prefill, decode, f"lw-{layerwise}", prompt, params)
+        layout = prefill.kv_sender.layout
+    finally:
+        prefill.close()
+    assert got == _run(colocated, EngineCoreRequest(f"lw-c-{layerwise}", prompt, params, 0.0))
+    prompt_bytes = -(-len(prompt) // 4) * layout.block_bytes
+    if layerwise:  # one write per layer, all but the last queued before the last layer ran
+        assert log.blocking == [] and log.queued == [prompt_bytes // num_layers] * num_layers
+        assert log.queued_when_last_layer_ran == [num_layers - 1]
+    else:  # one write of every layer, after the forward
+        assert log.queued == [] and log.blocking == [prompt_bytes]
+    assert prefill.kv_sender.num_bytes_sent == prompt_bytes
+    for core in (prefill, decode):
+        assert core.scheduler.kv.pool.num_free_blocks == core.scheduler.kv.pool.num_blocks
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_a_chunked_prompt_is_sent_block_by_block_as_its_chunks_complete(model_dir, cores,
+                                                                         layerwise):
+    colocated, _, decode = cores
+    prefill = _core(model_dir, "prefill", kv_transfer_layerwise=layerwise,
+                    max_num_batched_tokens=8)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    # 37 tokens, not cached on decode: 10 blocks of 4, in chunks of 8 tokens
+    prompt = list(range(300 + 100 * layerwise, 337 + 100 * layerwise))
+    reply = decode.reserve_kv(f"chunked-{layerwise}", prompt)
+    try:
+        prefill.add_request(EngineCoreRequest(
+            f"chunked-{layerwise}", prompt, SamplingParams(**{**vars(params), "max_tokens": 1}),
+            0.0, {"do_remote_decode": True, "peer": reply["peer"],
+                  "block_ids": reply["block_ids"], "first_block": reply["first_block"]}))
+        sent_after_each_step, first = [], []
+        while prefill.has_unfinished:
+            for out in prefill.step():
+                first += out.new_token_ids
+            sent_after_each_step.append(prefill.kv_sender.num_bytes_sent)
+        block_bytes = prefill.kv_sender.layout.block_bytes
+        assert not prefill.take_failures() and not prefill.kv_sender._sent_upto
+    finally:
+        prefill.close()
+    # each 8-token chunk completes two blocks, sent in its own step; the last sends the rest
+    assert sent_after_each_step == [2 * block_bytes * (i + 1) for i in range(4)] \
+        + [10 * block_bytes]
+    got = _run(decode, EngineCoreRequest(f"chunked-{layerwise}", prompt, params, 0.0,
+                                         {"transfer_id": f"chunked-{layerwise}",
+                                          "first_token_ids": first}))
+    assert got == _run(colocated, EngineCoreRequest(f"chunked-c-{layerwise}", prompt, params,
+                                                    0.0))
+
+
+def test_a_transfer_failing_mid_prompt_stops_the_prompt_there(model_dir, cores):
+    _, _, decode = cores
+    prefill = _core(model_dir, "prefill", max_num_batched_tokens=8)
+    prompt = list(range(800, 837))
+    reply = decode.reserve_kv("dead-mid", prompt)
+    try:
+        prefill.add_request(EngineCoreRequest(
+            "dead-mid", prompt, SamplingParams(max_tokens=1), 0.0,
+            {"do_remote_decode": True, "peer": {**reply["peer"], "pid_started": -1.0},
+             "block_ids": reply["block_ids"], "first_block": reply["first_block"]}))
+        assert prefill.step() == []  # the first chunk's blocks could not be sent
+        ((request_id, why),) = prefill.take_failures()
+        assert request_id == "dead-mid" and "not running" in why
+        assert not prefill.has_unfinished  # the rest of the prompt is never computed
+        prefill.step()
+        assert not prefill.kv_sender._sent_upto
+        assert prefill.scheduler.kv.pool.num_free_blocks == prefill.scheduler.kv.pool.num_blocks
+    finally:
+        prefill.close()
+        decode.release_kv("dead-mid")
+    assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.pool.num_blocks

@@ -210,6 +210,20 @@ def test_abort_frees_blocks_at_once():
     assert not scheduler.has_unfinished
 
 
+def test_finished_ids_wait_for_a_step_that_runs():
+    """The runner and the KV sender drop a sequence's state when its id reaches them: an empty
+    step (no forward) must not swallow the ids of sequences that finished before it."""
+    scheduler = make_scheduler()
+    scheduler.add_request(make_request("r", 6))
+    sched = scheduler.schedule()
+    scheduler.update(sched, fake_run(sched, random.Random(0)))
+    (seq,) = scheduler.requests["r"].sequences
+    scheduler.abort_request("r")
+    assert scheduler.schedule().finished_seq_ids == []  # idle: nothing runs
+    scheduler.add_request(make_request("s", 6))
+    assert scheduler.schedule().finished_seq_ids == [seq.seq_id]
+
+
 def test_prompt_too_long_is_refused_with_clear_error():
     scheduler = make_scheduler(max_model_len=16)
     try:

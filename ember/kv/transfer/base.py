@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, ClassVar
@@ -39,6 +41,9 @@ class KVTransport(ABC):
       within `timeout_s`. `write_async` returns a Future completing the same way (done or
       KVTransferError within `timeout_s`); writes run one at a time, in submission order
       (a blocking write of an `inline_writes` backend runs on the caller's thread).
+      `write_async(..., ready=fn)` calls `fn()` on the worker thread before copying (a CUDA
+      event's synchronize, so a write never reads KV the GPU has not finished).
+    * `busy_seconds`: the time spent copying, on any thread (what GB/s figures divide by).
     * NOTE: after a timeout the copy may still land until the backend gives up on its own
       (Mooncake 0.3.13: each synchronous batch waits at most ~5 s); a destination must not
       reuse the blocks of a failed write before then.
@@ -62,6 +67,7 @@ class KVTransport(ABC):
         self._io_lock = threading.Lock()  # one _write/_connect at a time, on any thread
         self._queue_lock = threading.Lock()
         self._num_queued = 0  # async writes submitted and not finished
+        self.busy_seconds = 0.0
 
     def register(self, pool: torch.Tensor) -> None:
         """Make `pool` (this process's whole KV pool) the source and target of transfers."""
@@ -101,19 +107,20 @@ class KVTransport(ABC):
         if self.inline_writes and self._num_queued == 0:  # else after the queued ones
             checked = self._check(peer, segments)
             with self._io_lock:
-                self._write(peer, checked)
+                self._timed_write(peer, checked)
             return
         self.write_async(peer, segments).result()
 
     def write_async(self, peer: dict[str, Any],
-                    segments: Segments | list[tuple[int, int, int]]) -> Future[None]:
+                    segments: Segments | list[tuple[int, int, int]],
+                    ready: Callable[[], object] | None = None) -> Future[None]:
         """Queue a write on the transport's worker thread; the Future completes with None or
         KVTransferError within `timeout_s`. Bad arguments raise here, before queueing."""
         checked = self._check(peer, segments)
         outer: Future[None] = Future()
         with self._queue_lock:
             self._num_queued += 1
-        inner = self._executor.submit(self._queued_write, peer, checked)
+        inner = self._executor.submit(self._queued_write, peer, checked, ready)
         inner.add_done_callback(lambda done: _relay(done, outer))
         self._deadlines.watch(outer, self.timeout_s, KVTransferError(
             f"{self.name}: write of {total_bytes(checked)} bytes to peer "
@@ -124,12 +131,22 @@ class KVTransport(ABC):
         with self._io_lock:
             fn(*args)
 
-    def _queued_write(self, peer: dict[str, Any], segments: Segments) -> None:
+    def _queued_write(self, peer: dict[str, Any], segments: Segments,
+                      ready: Callable[[], object] | None) -> None:
         try:
-            self._locked(self._write, peer, segments)
+            if ready is not None:
+                ready()
+            self._locked(self._timed_write, peer, segments)
         finally:
             with self._queue_lock:
                 self._num_queued -= 1
+
+    def _timed_write(self, peer: dict[str, Any], segments: Segments) -> None:
+        start = time.perf_counter()
+        try:
+            self._write(peer, segments)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
 
     def close(self) -> None:
         if self._closed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 
@@ -79,6 +80,27 @@ def test_layer_by_layer_async_writes(local, peer: Peer) -> None:
         assert future.result(TIMEOUT_S) is None
     expected = _expected(before, pool_bytes(pool), np.concatenate(per_layer))
     np.testing.assert_array_equal(peer.pool_bytes(), expected)
+
+
+def test_a_queued_write_waits_for_its_ready_callback(local, peer: Peer) -> None:
+    """`ready` (a CUDA event's synchronize in the sender) runs on the transport's thread and
+    gates the copy; the copy's time is counted in busy_seconds."""
+    transport, pool = local
+    segments = LAYOUT.segments([2, 3], [7, 8])
+    gate, seen = threading.Event(), []
+    before, busy = peer.pool_bytes(), transport.busy_seconds
+    future = transport.write_async(peer.descriptor, segments,
+                                   ready=lambda: (seen.append(threading.current_thread()),
+                                                  gate.wait(TIMEOUT_S)))
+    time.sleep(0.05)
+    assert not future.done()  # held by its ready callback
+    np.testing.assert_array_equal(peer.pool_bytes(), before)
+    gate.set()
+    assert future.result(TIMEOUT_S) is None
+    assert seen and seen[0] is not threading.main_thread()
+    np.testing.assert_array_equal(peer.pool_bytes(),
+                                  _expected(before, pool_bytes(pool), segments))
+    assert transport.busy_seconds > busy
 
 
 def test_a_blocking_write_lands_after_queued_ones(local, peer: Peer) -> None:

@@ -133,6 +133,7 @@ class DeviceConfig:
 
 
 ROLES = ("both", "prefill", "decode")
+KV_SEND_MODES = ("auto", "layerwise", "per-step")
 KV_TRANSFER_BACKENDS = ("mooncake", "shm")
 
 
@@ -155,9 +156,14 @@ class DisaggConfig:
     kv_transfer_host: str = field(
         default="127.0.0.1", metadata={"help": "Address peers reach this worker's KV on."}
     )
-    kv_transfer_layerwise: bool = field(
-        default=True, metadata={"help": "Prefill role: send each layer's KV while the next "
-                                        "layers compute (else all layers after the forward)."}
+    kv_send_mode: str = field(
+        default="auto", metadata={"help": "Prefill role: when a prompt's KV is written to its "
+                                          "decode worker: layerwise (each layer's while later "
+                                          "layers compute), per-step (after each step's "
+                                          "forward) or auto (layerwise when the KV is on a GPU; "
+                                          "per-step on the CPU, where copies take the cores "
+                                          "the forward runs on).",
+                                  "choices": KV_SEND_MODES}
     )
     kv_reservation_ttl_s: float = field(
         default=30.0, metadata={"help": "Decode role: seconds blocks reserved for a remote "
@@ -170,6 +176,9 @@ class DisaggConfig:
         if self.kv_transfer_backend not in KV_TRANSFER_BACKENDS:
             raise ValueError(f"kv_transfer_backend must be one of {KV_TRANSFER_BACKENDS}, "
                              f"got {self.kv_transfer_backend!r}")
+        if self.kv_send_mode not in KV_SEND_MODES:
+            raise ValueError(f"kv_send_mode must be one of {KV_SEND_MODES}, got "
+                             f"{self.kv_send_mode!r}")
         if self.kv_reservation_ttl_s <= 0:
             raise ValueError(f"kv_reservation_ttl_s must be > 0, got "
                              f"{self.kv_reservation_ttl_s}")

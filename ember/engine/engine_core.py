@@ -10,6 +10,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from ember.config import EngineConfig
 from ember.engine.constraint import SamplingConstraint
 from ember.engine.kv_sender import KVSender
@@ -42,7 +44,7 @@ class EngineCore:
                                 if role == "decode" else None)
         self.kv_sender = (KVSender(parts.transport, parts.kv_layout, self.scheduler.kv,
                                    self.runner.backend.block_dim + 1,
-                                   layerwise=config.disagg.kv_transfer_layerwise)
+                                   layerwise=_sends_layerwise(config, self.runner.device))
                           if role == "prefill" else None)
         self._early_outputs: list[EngineCoreOutput] = []  # adopted requests' first tokens
         self._failures: list[tuple[str, str]] = []  # (request_id, why) failed mid-flight
@@ -163,6 +165,13 @@ class EngineCore:
     def _publish_kv_events(self) -> None:
         if self.kv_events is not None:
             self.kv_events.flush()
+
+
+def _sends_layerwise(config: EngineConfig, device: torch.device) -> bool:
+    """On a GPU a layer's copy overlaps the next layers for free; on the CPU it takes the cores
+    the forward runs on, and the hand-offs cost more than the overlap saves (BENCHMARKS.md)."""
+    mode = config.disagg.kv_send_mode
+    return mode == "layerwise" or (mode == "auto" and device.type == "cuda")
 
 
 def _to_output(update: SeqUpdate) -> EngineCoreOutput:

@@ -6,10 +6,13 @@ Greedy outputs match one colocated core exactly (fp32).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import torch
 
 from ember.config import EngineConfig
-from ember.engine.engine_core import EngineCore
+from ember.engine.engine_core import EngineCore, _sends_layerwise
 from ember.engine.messages import EngineCoreRequest
 from ember.engine.sampling_params import SamplingParams
 from tests.factories import tiny_model_dir
@@ -152,6 +155,9 @@ def test_roles_refuse_what_they_do_not_do(cores):
                                              {"transfer_id": "nope", "first_token_ids": [1]}))
 
 
+_MODES = {True: "layerwise", False: "per-step"}
+
+
 class _WriteLog:
     """Which writes a prefill core's transport got, and how many were queued by the time its
     last decoder layer started computing."""
@@ -182,7 +188,7 @@ class _WriteLog:
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_layerwise_writes_overlap_the_forward(model_dir, cores, monkeypatch, layerwise):
     colocated, _, decode = cores
-    prefill = _core(model_dir, "prefill", kv_transfer_layerwise=layerwise)
+    prefill = _core(model_dir, "prefill", kv_send_mode=_MODES[layerwise])
     log = _WriteLog(prefill, monkeypatch)
     num_layers = len(prefill.runner.model.layers)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, n=2)
@@ -208,7 +214,7 @@ def test_layerwise_writes_overlap_the_forward(model_dir, cores, monkeypatch, lay
 def test_a_chunked_prompt_is_sent_block_by_block_as_its_chunks_complete(model_dir, cores,
                                                                          layerwise):
     colocated, _, decode = cores
-    prefill = _core(model_dir, "prefill", kv_transfer_layerwise=layerwise,
+    prefill = _core(model_dir, "prefill", kv_send_mode=_MODES[layerwise],
                     max_num_batched_tokens=8)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     # 37 tokens, not cached on decode: 10 blocks of 4, in chunks of 8 tokens
@@ -259,3 +265,14 @@ def test_a_transfer_failing_mid_prompt_stops_the_prompt_there(model_dir, cores):
         prefill.close()
         decode.release_kv("dead-mid")
     assert decode.scheduler.kv.pool.num_free_blocks == decode.scheduler.kv.pool.num_blocks
+
+
+def test_auto_sends_layerwise_only_from_a_gpu(cores):
+    _, prefill, _ = cores
+    assert prefill.config.disagg.kv_send_mode == "auto" and not prefill.kv_sender.layerwise
+    assert _sends_layerwise(prefill.config, torch.device("cuda"))
+    per_step = replace(prefill.config, disagg=replace(prefill.config.disagg,
+                                                      kv_send_mode="per-step"))
+    assert not _sends_layerwise(per_step, torch.device("cuda"))
+    with pytest.raises(ValueError, match="kv_send_mode must be one of"):
+        replace(prefill.config.disagg, kv_send_mode="eager").validate()

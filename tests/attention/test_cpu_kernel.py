@@ -70,10 +70,11 @@ def kernel(request):
     (4, 8, 8, None), (16, 8, 2, None), (32, 8, 1, 23), (8, 16, 2, 5)])
 def test_kernel_matches_dense_attention(kernel, dtype, head_dim, block_size, heads, kv_heads,
                                        window):
-    """Contexts of many 16-position tiles, over scattered blocks of every size, mixing a
-    prefill chunk with decodes: each output equals dense softmax attention."""
+    """Contexts of many 16-position tiles, over scattered blocks of every size, mixing
+    prefill chunks (one longer than a block of query rows, starting mid-context) with decodes:
+    each output equals dense softmax attention."""
     gen = torch.Generator().manual_seed(head_dim + block_size)
-    context_lens, query_lens = [1, 37, 70, 16, 90], [1, 1, 20, 16, 1]
+    context_lens, query_lens = [1, 37, 70, 16, 90, 150], [1, 1, 20, 16, 1, 130]
     max_blocks = max(-(-c // block_size) for c in context_lens)
     num_blocks = max_blocks * len(context_lens) + 3
     key_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)

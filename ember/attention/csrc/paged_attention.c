@@ -361,9 +361,191 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
     }
 }
 
+/* ---- Prefill: lanes are query rows ------------------------------------------------------
+ * A prefill chunk has many (position, head) rows per kv head, so its lanes hold 16 rows and
+ * the keys of a tile are walked one by one: each score vector is 16 rows' dot with one key
+ * (the key's elements broadcast from memory), the online softmax runs down the tile's 16
+ * score vectors with no horizontal reduction, and each value element is broadcast into 16
+ * rows' accumulators. With AVX512-BF16 a query pair (q[c], q[c+1]) per lane meets the key's
+ * bf16 pair in one vdpbf16ps, so keys are never widened. */
+
+typedef struct {
+    vfloat max, sum;
+    vint pos_hi, pos_lo;  /* each lane attends positions [pos_lo, pos_hi] */
+    int first_pos, last_pos;
+} lane_rows;
+
+static const float ZERO_ROW[MAX_DIM] __attribute__((aligned(64)));
+
+/* Rows [r0, r0 + 16) of the block starting at query position t0, transposed into qt
+ * ([dim][16] fp32, or [dim / 2][16] bf16 pairs for the native dot) with their windows. */
+static inline void load_lane_rows(const task_args *a, int t0, int r0, int rows, int bf16,
+                                  int native, int dim, float *qt, lane_rows *lr) {
+    const int group = a->group;
+    int pos_hi[TILE], pos_lo[TILE];
+    lr->first_pos = 1 << 30, lr->last_pos = -1;
+    for (int lane = 0; lane < TILE; ++lane) {
+        const int r = r0 + lane;
+        if (r >= rows) {  /* no row: attends nothing */
+            pos_hi[lane] = -1, pos_lo[lane] = 0;
+            for (int c = 0; c < dim; ++c) qt[c * TILE + lane] = 0.f;
+            continue;
+        }
+        const int t = t0 + r / group;
+        const int pos = a->ctx - (a->q_end - t);
+        pos_hi[lane] = pos;
+        pos_lo[lane] = (a->window > 0 && pos - a->window + 1 > 0) ? pos - a->window + 1 : 0;
+        lr->first_pos = pos_lo[lane] < lr->first_pos ? pos_lo[lane] : lr->first_pos;
+        lr->last_pos = pos > lr->last_pos ? pos : lr->last_pos;
+        const size_t at = ((size_t)t * a->num_heads + (size_t)a->kvh * group + r % group) * dim;
+        if (native) {  /* the lane's pair c/2 as one 32-bit word, as vdpbf16ps reads it */
+            const uint32_t *pairs = (const uint32_t *)((const uint16_t *)a->q + at);
+            for (int c = 0; c < dim / 2; ++c) memcpy(&qt[c * TILE + lane], &pairs[c], 4);
+        } else {
+            for (int c = 0; c < dim; ++c)
+                qt[c * TILE + lane] = bf16 ? bf16_to_f32(((const uint16_t *)a->q)[at + c])
+                                           : ((const float *)a->q)[at + c];
+        }
+    }
+    memcpy(&lr->pos_hi, pos_hi, sizeof pos_hi);
+    memcpy(&lr->pos_lo, pos_lo, sizeof pos_lo);
+    lr->max = splat(MASKED), lr->sum = splat(0.f);
+}
+
+/* Raw scores of 16 rows (lanes) against the tile's keys: scores[j] for key j. */
+static inline void score_keys(const task_args *a, const float *qt, const float *ktile, int start,
+                              int n, int native, int dim, vfloat scores[TILE]) {
+    for (int j = 0; j < TILE; ++j) scores[j] = (vfloat){0};
+#if NATIVE_BF16_DOT
+    if (native) {
+        const uint32_t *keys[TILE];
+        for (int j = 0; j < TILE; ++j)
+            keys[j] = j < n ? (const uint32_t *)(a->span.k_head
+                                                  + row_offset(a, start + j, (size_t)dim * 2))
+                            : (const uint32_t *)ZERO_ROW;
+        for (int c = 0; c < dim / 2; ++c) {
+            const __m512bh q = (__m512bh)_mm512_load_ps(qt + c * TILE);
+            for (int j = 0; j < TILE; ++j)
+                scores[j] = (vfloat)_mm512_dpbf16_ps(
+                    (__m512)scores[j], q, (__m512bh)_mm512_set1_epi32((int)keys[j][c]));
+        }
+        return;
+    }
+#endif
+    (void)a, (void)start, (void)n, (void)native;
+    for (int c = 0; c < dim; ++c) {
+        const vfloat q = load_vec(qt + c * TILE);
+        for (int j = 0; j < TILE; ++j) scores[j] += q * ktile[j * dim + c];
+    }
+}
+
+/* The tile folded into 16 rows' online softmax and accumulators (acct [dim][16]). */
+static inline void fold_rows(vfloat scores[TILE], const float *vtile, int start, float scale,
+                             int dim, lane_rows *lr, float *acct) {
+    vfloat tile_max = splat(MASKED);
+    vint valid[TILE];
+    for (int j = 0; j < TILE; ++j) {
+        valid[j] = (start + j <= lr->pos_hi) & (start + j >= lr->pos_lo);
+        scores[j] = blend(valid[j], scores[j] * scale, splat(MASKED));
+        tile_max = blend(scores[j] > tile_max, scores[j], tile_max);
+    }
+    const vfloat new_max = blend(tile_max > lr->max, tile_max, lr->max);
+    const vfloat rescale = exp_vec(lr->max - new_max);
+    vfloat sum = lr->sum * rescale;
+    for (int j = 0; j < TILE; ++j) {
+        scores[j] = blend(valid[j], exp_vec(scores[j] - new_max), splat(0.f));
+        sum += scores[j];
+    }
+    lr->max = new_max, lr->sum = sum;
+    for (int c = 0; c < dim; ++c) {
+        vfloat acc = load_vec(acct + c * TILE) * rescale;
+        for (int j = 0; j < TILE; ++j) acc += scores[j] * vtile[j * dim + c];
+        store_vec(acct + c * TILE, acc);
+    }
+}
+
+static inline void store_lane_rows(const task_args *a, int t0, int r0, int rows, int bf16,
+                                   int dim, const float *acct, const lane_rows *lr) {
+    const vfloat inv = 1.f / blend(lr->sum > 0.f, lr->sum, splat(1.f));
+    for (int lane = 0; lane < TILE && r0 + lane < rows; ++lane) {
+        const int r = r0 + lane, t = t0 + r / a->group;
+        const size_t at = ((size_t)t * a->num_heads + (size_t)a->kvh * a->group + r % a->group)
+                          * dim;
+        for (int c = 0; c < dim; ++c) {
+            const float x = acct[c * TILE + lane] * inv[lane];
+            if (bf16)
+                ((uint16_t *)a->out)[at + c] = f32_to_bf16(x);
+            else
+                ((float *)a->out)[at + c] = x;
+        }
+    }
+}
+
+/* One (sequence, kv head) task of a prefill chunk: query positions in blocks of up to
+ * MAX_ROWS rows; each block walks the union of its rows' contexts once, tile by tile, and
+ * each group of 16 rows skips the tiles outside all of its rows' windows. */
+static inline __attribute__((always_inline)) void attend_rows(const task_args *a, int bf16,
+                                                              int dim) {
+    enum { LANE_GROUPS = MAX_ROWS / TILE };
+    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
+    float qt[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
+    float acct[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
+    float ktile[TILE * MAX_DIM] __attribute__((aligned(64)));
+    float vtile[TILE * MAX_DIM] __attribute__((aligned(64)));
+    lane_rows lr[LANE_GROUPS];
+    vfloat scores[TILE];
+    const int native = bf16 && NATIVE_BF16_DOT;
+    const int per_block = MAX_ROWS / a->group;
+    const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
+    for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
+        const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
+        const int rows = (t1 - t0) * a->group, groups = (rows + TILE - 1) / TILE;
+        const int first_pass = t0 == a->q_begin, last_pass = t1 == a->q_end;
+        int lo = 1 << 30, last_pos = 0;
+        for (int lg = 0; lg < groups; ++lg) {
+            load_lane_rows(a, t0, lg * TILE, rows, bf16, native, dim, qt + lg * TILE * dim,
+                           &lr[lg]);
+            lo = lr[lg].first_pos < lo ? lr[lg].first_pos : lo;
+            last_pos = lr[lg].last_pos + 1 > last_pos ? lr[lg].last_pos + 1 : last_pos;
+        }
+        memset(acct, 0, sizeof(float) * groups * TILE * dim);
+        const int num_tiles = (last_pos - 1 - lo) / TILE + 1;
+        if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < last_pos ? lo + PREFETCH_ROWS
+                                                                         : last_pos, row_bytes);
+        for (int i = 0; i < num_tiles; ++i) {
+            const int start = lo + i * TILE;
+            const int n = last_pos - start < TILE ? last_pos - start : TILE;
+            const int ahead = start + PREFETCH_ROWS;
+            if (first_pass && ahead < last_pos)
+                prefetch_rows(a, ahead, ahead + TILE < last_pos ? ahead + TILE : last_pos,
+                              row_bytes);
+            if (last_pass && a->next)
+                prefetch_span(a->next, i * next_blocks / num_tiles,
+                              (i + 1) * next_blocks / num_tiles, a->block_shift, row_bytes);
+            if (!native) widen_tile(a, a->span.k_head, start, n, bf16, dim, ktile);
+            widen_tile(a, a->span.v_head, start, n, bf16, dim, vtile);
+            if (n < TILE) {  /* rows past the context: finite zeros (their weights are 0) */
+                memset(ktile + n * dim, 0, sizeof(float) * (TILE - n) * dim);
+                memset(vtile + n * dim, 0, sizeof(float) * (TILE - n) * dim);
+            }
+            for (int lg = 0; lg < groups; ++lg) {
+                if (start > lr[lg].last_pos || start + n <= lr[lg].first_pos) continue;
+                score_keys(a, qt + lg * TILE * dim, ktile, start, n, native, dim, scores);
+                fold_rows(scores, vtile, start, a->scale, dim, &lr[lg],
+                          acct + lg * TILE * dim);
+            }
+        }
+        for (int lg = 0; lg < groups; ++lg)
+            store_lane_rows(a, t0, lg * TILE, rows, bf16, dim, acct + lg * TILE * dim, &lr[lg]);
+    }
+}
+
 /* Specialised per dtype and head dim so the inner loops have fixed trip counts. */
-#define DEFINE_ATTEND(BF16, DIM) \
-    static void attend_##BF16##_##DIM(const task_args *a) { attend(a, BF16, DIM); }
+#define DEFINE_ATTEND(BF16, DIM)                                                   \
+    static void attend_##BF16##_##DIM(const task_args *a) {                        \
+        if (a->q_end - a->q_begin > 1) attend_rows(a, BF16, DIM);                  \
+        else attend(a, BF16, DIM);                                                 \
+    }
 #define DEFINE_DIMS(BF16) \
     DEFINE_ATTEND(BF16, 32) DEFINE_ATTEND(BF16, 64) DEFINE_ATTEND(BF16, 80) \
     DEFINE_ATTEND(BF16, 96) DEFINE_ATTEND(BF16, 128) DEFINE_ATTEND(BF16, 256)

@@ -6,7 +6,8 @@ code), odd steps variant A, so both see the same batch, contexts and machine sta
 
 `attention` compares the current C attention kernel with one built from another source file
 (e.g. `git show 6484e2a:ember/attention/csrc/paged_attention.c > OLD.c`). PROMPT_LEN sets
-each sequence's context before the timed steps (default 128).
+each sequence's context before the timed steps (default 128). NEW_PROMPT_LEN > 0 makes every
+timed step a mixed one: a fresh prompt of that many tokens (one output token) joins it.
 """
 
 from __future__ import annotations
@@ -67,10 +68,15 @@ def main() -> None:
         else:
             core.runner.backend._lib = new_lib if new else old_lib
 
+    new_prompt_len = int(os.environ.get("NEW_PROMPT_LEN", "0"))
     times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(args.steps):
         new = i % 2 == 0
         use(new)
+        if new_prompt_len:
+            prompt = [rng.randrange(16, 30000) for _ in range(new_prompt_len)]
+            core.add_request(EngineCoreRequest(f"mixed-{i}", prompt,
+                                               SamplingParams(max_tokens=1), time.monotonic()))
         t0 = time.perf_counter()
         core.step()
         times[new].append(time.perf_counter() - t0)

@@ -140,9 +140,9 @@ def instrument(core: Any) -> tuple[dict[str, _Timer], list[list[int]]]:
     chunk_sizes: list[list[int]] = []
     execute_inner = runner.execute
 
-    def execute(sched: Any) -> Any:
+    def execute(sched: Any, *args: Any) -> Any:
         chunk_sizes.append([c.num_tokens for c in sched.chunks])
-        return execute_inner(sched)
+        return execute_inner(sched, *args)
 
     runner.execute = execute
     return timers, chunk_sizes

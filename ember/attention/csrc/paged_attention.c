@@ -4,9 +4,11 @@
  * (sequence, kv head) pair and serves all of that head's query heads, so each key/value row
  * is read once per query position. Scores and accumulation are fp32; bf16 is widened on load.
  *
- * The context is walked in tiles of 16 positions whatever the block size: a tile's rows are
- * widened to fp32 once and shared by the query heads, its 16 scores come out of one joint
- * reduction (no horizontal sum per row), and the online softmax works on whole vectors.
+ * The context is walked in tiles of 16 positions whatever the block size. A decode task puts
+ * the tile's 16 keys in the lanes: a tile's rows are widened to fp32 once and shared by the
+ * query heads, its 16 scores come out of one joint reduction (no horizontal sum per row), and
+ * the online softmax works on whole vectors. A prefill task has rows enough to put 16 query
+ * rows in the lanes instead (attend_rows), which needs no reduction at all.
  * Written with GCC vector extensions, so the same source builds for AVX-512, AVX2 or NEON.
  * Built at run time by ember/attention/cpu_kernel.py.
  */

@@ -62,12 +62,12 @@ class _StepRecorder:
         self._stats: StepStats | None = None
         execute, step = engine.runner.execute, engine.step
 
-        def recording_execute(sched: Any) -> Any:
+        def recording_execute(sched: Any, *args: Any) -> Any:
             self._stats = StepStats()
             for chunk in sched.chunks:
                 is_decode = chunk.num_tokens == 1 and chunk.start_pos >= chunk.seq.num_prompt_tokens
                 self._stats.add_chunk(chunk.start_pos, chunk.num_tokens, is_decode)
-            return execute(sched)
+            return execute(sched, *args)
 
         def timed_step() -> Any:
             self._stats = None

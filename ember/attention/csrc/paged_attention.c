@@ -173,6 +173,24 @@ static inline void prefetch_rows(const task_args *a, int from, int to, size_t ro
     }
 }
 
+static inline int min_int(int x, int y) { return x < y ? x : y; }
+
+/* Before tile i of a pass over positions [lo, last_pos): on a task's first pass, K and V rows
+ * PREFETCH_ROWS ahead into L1; across its last pass, the next task's blocks into L2. */
+static inline void prefetch_ahead(const task_args *a, int i, int num_tiles, int lo, int last_pos,
+                                  int first_pass, int last_pass, size_t row_bytes) {
+    if (first_pass) {
+        const int ahead = lo + i * TILE + PREFETCH_ROWS;
+        if (i == 0) prefetch_rows(a, lo, min_int(ahead, last_pos), row_bytes);
+        if (ahead < last_pos) prefetch_rows(a, ahead, min_int(ahead + TILE, last_pos), row_bytes);
+    }
+    if (last_pass && a->next) {
+        const int next_blocks = a->next->last_block - a->next->first_block + 1;
+        prefetch_span(a->next, i * next_blocks / num_tiles, (i + 1) * next_blocks / num_tiles,
+                      a->block_shift, row_bytes);
+    }
+}
+
 static inline void widen_row(const char *src, int bf16, int dim, float *dst) {
     for (int c = 0; c < dim; c += TILE)
         store_vec(dst + c, bf16 ? load_bf16_vec((const uint16_t *)src + c)
@@ -310,7 +328,6 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
     const int group = a->group;
     const int per_block = MAX_ROWS / group < MAX_QUERY_BLOCK ? MAX_ROWS / group : MAX_QUERY_BLOCK;
     const int widen_keys = !(bf16 && NATIVE_BF16_DOT);
-    const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
         const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1);
@@ -323,18 +340,10 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
                 load_queries(a, t, bf16, dim, qf + (t - t0) * group * dim);
         memset(acc, 0, sizeof(float) * rows * dim);
         for (int r = 0; r < rows; ++r) maxs[r] = MASKED, sums[r] = 0.f;
-        if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < last_pos ? lo + PREFETCH_ROWS
-                                                                         : last_pos, row_bytes);
         for (int i = 0; i < num_tiles; ++i) {
             const int start = lo + i * TILE;
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
-            const int ahead = start + PREFETCH_ROWS;
-            if (first_pass && ahead < last_pos)
-                prefetch_rows(a, ahead, ahead + TILE < last_pos ? ahead + TILE : last_pos,
-                              row_bytes);
-            if (last_pass && a->next)
-                prefetch_span(a->next, i * next_blocks / num_tiles,
-                              (i + 1) * next_blocks / num_tiles, a->block_shift, row_bytes);
+            prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
             if (widen_keys) widen_tile(a, a->span.k_head, start, n, bf16, dim, tile);
             for (int t = t0; t < t1; ++t) {
                 /* lanes [first, end) of this tile are inside position t's causal window */
@@ -498,7 +507,6 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     vfloat scores[TILE];
     const int native = bf16 && NATIVE_BF16_DOT;
     const int per_block = MAX_ROWS / a->group;
-    const int next_blocks = a->next ? a->next->last_block - a->next->first_block + 1 : 0;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
         const int rows = (t1 - t0) * a->group, groups = (rows + TILE - 1) / TILE;
@@ -512,18 +520,10 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
         }
         memset(acct, 0, sizeof(float) * groups * TILE * dim);
         const int num_tiles = (last_pos - 1 - lo) / TILE + 1;
-        if (first_pass) prefetch_rows(a, lo, lo + PREFETCH_ROWS < last_pos ? lo + PREFETCH_ROWS
-                                                                         : last_pos, row_bytes);
         for (int i = 0; i < num_tiles; ++i) {
             const int start = lo + i * TILE;
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
-            const int ahead = start + PREFETCH_ROWS;
-            if (first_pass && ahead < last_pos)
-                prefetch_rows(a, ahead, ahead + TILE < last_pos ? ahead + TILE : last_pos,
-                              row_bytes);
-            if (last_pass && a->next)
-                prefetch_span(a->next, i * next_blocks / num_tiles,
-                              (i + 1) * next_blocks / num_tiles, a->block_shift, row_bytes);
+            prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
             if (!native) widen_tile(a, a->span.k_head, start, n, bf16, dim, ktile);
             widen_tile(a, a->span.v_head, start, n, bf16, dim, vtile);
             if (n < TILE) {  /* rows past the context: finite zeros (their weights are 0) */

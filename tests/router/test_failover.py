@@ -58,8 +58,9 @@ async def _whole(client, url, i, killed: asyncio.Event) -> Outcome:
 
 
 async def _trace(router_url: str, victim) -> list[Outcome]:
-    """24 requests (a third whole, a few aborted) arriving over 3 s; `victim` is killed as
-    soon as a stream on it has sent its first line."""
+    """24 requests (a third whole, a few aborted) arriving over 3 s, and 4 more sent once the
+    victim is dead; `victim` is killed as soon as a stream on it has sent its first line (on
+    a loaded machine that can be after the last of the 24 arrived)."""
     rng = random.Random(0)
     started_on_victim, killed = asyncio.Event(), asyncio.Event()
 
@@ -69,7 +70,10 @@ async def _trace(router_url: str, victim) -> list[Outcome]:
 
     async with httpx.AsyncClient(timeout=120) as client:
         async def one(i: int) -> Outcome:
-            await asyncio.sleep(rng.random() * 3.0)  # arrivals spread over the kill
+            if i < 24:
+                await asyncio.sleep(rng.random() * 3.0)  # arrivals spread over the kill
+            else:
+                await asyncio.wait_for(killed.wait(), timeout=60)
             if i % 3 == 2:
                 return await _whole(client, router_url, i, killed)
             return await _streamed(client, router_url, i, killed, i % 7 == 0, on_start)
@@ -79,7 +83,7 @@ async def _trace(router_url: str, victim) -> list[Outcome]:
             victim.proc.kill()
             killed.set()
 
-        tasks = [asyncio.create_task(one(i)) for i in range(24)]
+        tasks = [asyncio.create_task(one(i)) for i in range(28)]
         kill = asyncio.create_task(killer())
         outcomes = await asyncio.gather(*tasks)
         assert kill.done()

@@ -423,30 +423,37 @@ static inline void load_lane_rows(const task_args *a, int t0, int r0, int rows, 
     lr->max = splat(MASKED), lr->sum = splat(0.f);
 }
 
+/* Where the tile's key rows are, once per tile for all its row groups: in the bf16 cache for
+ * the native dot, else widened in ktile; a zero row past the context. */
+static inline void locate_keys(const task_args *a, const float *ktile, int start, int n,
+                               int native, int dim, const void *keys[TILE]) {
+    for (int j = 0; j < TILE; ++j)
+        keys[j] = j >= n ? (const void *)ZERO_ROW
+                : native ? (const void *)(a->span.k_head
+                                          + row_offset(a, start + j, (size_t)dim * 2))
+                         : (const void *)(ktile + j * dim);
+}
+
 /* Raw scores of 16 rows (lanes) against the tile's keys: scores[j] for key j. */
-static inline void score_keys(const task_args *a, const float *qt, const float *ktile, int start,
-                              int n, int native, int dim, vfloat scores[TILE]) {
+static inline void score_keys(const float *qt, const void *const keys[TILE], int native,
+                              int dim, vfloat scores[TILE]) {
     for (int j = 0; j < TILE; ++j) scores[j] = (vfloat){0};
 #if NATIVE_BF16_DOT
     if (native) {
-        const uint32_t *keys[TILE];
-        for (int j = 0; j < TILE; ++j)
-            keys[j] = j < n ? (const uint32_t *)(a->span.k_head
-                                                  + row_offset(a, start + j, (size_t)dim * 2))
-                            : (const uint32_t *)ZERO_ROW;
         for (int c = 0; c < dim / 2; ++c) {
             const __m512bh q = (__m512bh)_mm512_load_ps(qt + c * TILE);
             for (int j = 0; j < TILE; ++j)
                 scores[j] = (vfloat)_mm512_dpbf16_ps(
-                    (__m512)scores[j], q, (__m512bh)_mm512_set1_epi32((int)keys[j][c]));
+                    (__m512)scores[j], q,
+                    (__m512bh)_mm512_set1_epi32((int)((const uint32_t *)keys[j])[c]));
         }
         return;
     }
 #endif
-    (void)a, (void)start, (void)n, (void)native;
+    (void)native;
     for (int c = 0; c < dim; ++c) {
         const vfloat q = load_vec(qt + c * TILE);
-        for (int j = 0; j < TILE; ++j) scores[j] += q * ktile[j * dim + c];
+        for (int j = 0; j < TILE; ++j) scores[j] += q * ((const float *)keys[j])[c];
     }
 }
 
@@ -505,6 +512,7 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     float vtile[TILE * MAX_DIM] __attribute__((aligned(64)));
     lane_rows lr[LANE_GROUPS];
     vfloat scores[TILE];
+    const void *keys[TILE];
     const int native = bf16 && NATIVE_BF16_DOT;
     const int per_block = MAX_ROWS / a->group;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
@@ -525,14 +533,13 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
             prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
             if (!native) widen_tile(a, a->span.k_head, start, n, bf16, dim, ktile);
+            locate_keys(a, ktile, start, n, native, dim, keys);
             widen_tile(a, a->span.v_head, start, n, bf16, dim, vtile);
-            if (n < TILE) {  /* rows past the context: finite zeros (their weights are 0) */
-                memset(ktile + n * dim, 0, sizeof(float) * (TILE - n) * dim);
+            if (n < TILE)  /* rows past the context: finite zeros (their weights are 0) */
                 memset(vtile + n * dim, 0, sizeof(float) * (TILE - n) * dim);
-            }
             for (int lg = 0; lg < groups; ++lg) {
                 if (start > lr[lg].last_pos || start + n <= lr[lg].first_pos) continue;
-                score_keys(a, qt + lg * TILE * dim, ktile, start, n, native, dim, scores);
+                score_keys(qt + lg * TILE * dim, keys, native, dim, scores);
                 fold_rows(scores, vtile, start, a->scale, dim, &lr[lg],
                           acct + lg * TILE * dim);
             }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ class _Send:
     expires_at: float | None
     error: str | None = None
     pending: list[Future] = field(default_factory=list)
+    num_bytes: int = 0  # handed to the transport so far
+    num_segments: int = 0
 
     def check_expiry(self) -> None:
         if self.expires_at is not None and time.time() > self.expires_at - EXPIRY_MARGIN_S:
@@ -128,10 +131,6 @@ class KVSender:
         self.seconds_connecting += time.perf_counter() - start
         self._connected.add(name)
 
-    def count(self, segments: Segments) -> None:
-        self.num_bytes_sent += int(segments[:, 2].sum()) if len(segments) else 0
-        self.num_segments_sent += len(segments)
-
 
 class StepSends:
     """One step's writes. Layerwise, `after_layer(i)` queues layer i's segments of every send
@@ -149,7 +148,7 @@ class StepSends:
             self._guard(send, sender.connect, send.peer)
 
     @property
-    def after_layer(self) -> Any:
+    def after_layer(self) -> Callable[[int], None] | None:
         """The forward's hook, or None when this sender writes after the forward."""
         return self._queue_layer if self.sender.layerwise and self.sends else None
 
@@ -162,18 +161,17 @@ class StepSends:
             self._guard(send, self._queue, send, layer, ready)
         self._layers_queued += 1
 
-    def _queue(self, send: _Send, layer: int, ready: Any) -> None:
-        send.check_expiry()
-        segments = self.sender.layout.segments(send.src, send.dst, layers=[layer],
-                                               dst=send.peer_layout)
+    def _queue(self, send: _Send, layer: int, ready: Callable[[], object] | None) -> None:
+        segments = self._segments(send, [layer])
         send.pending.append(self.sender.transport.write_async(send.peer, segments, ready))
-        self.sender.count(segments)
 
     def finish(self) -> list[tuple[str, str]]:
         """Block until every write of the step landed; (request_id, error) of failed ones."""
         sender = self.sender
         start = time.perf_counter()
         rest = list(range(self._layers_queued, sender.layout.num_layers))
+        if rest and _on_gpu(sender.transport.pool):
+            torch.cuda.synchronize()  # the forward's KV writes may still be queued on the GPU
         for send in self.sends:
             for done in send.pending:
                 self._guard(send, done.result)
@@ -184,20 +182,24 @@ class StepSends:
         for send in self.sends:
             if send.error is None:
                 sender.num_blocks_sent += len(send.dst)
+                sender.num_bytes_sent += send.num_bytes
+                sender.num_segments_sent += send.num_segments
             else:
                 sender.forget(send.seq_id)
-                logger.warning("KV transfer for %s failed: %s", send.request_id, send.error)
-                self.failures.append((send.request_id, f"KV transfer failed: {send.error}"))
+                self.failures.append(_failure(send.request_id, send.error))
         return self.failures
 
     def _write(self, send: _Send, layers: list[int]) -> None:
+        self.sender.transport.write(send.peer, self._segments(send, layers))
+
+    def _segments(self, send: _Send, layers: list[int]) -> Segments:
+        """The send's segments for `layers`, unless its reservation is about to expire."""
         send.check_expiry()
         segments = self.sender.layout.segments(send.src, send.dst, layers=layers,
                                                dst=send.peer_layout)
-        if _on_gpu(self.sender.transport.pool):
-            torch.cuda.synchronize()  # the forward's KV writes are still queued on the GPU
-        self.sender.transport.write(send.peer, segments)
-        self.sender.count(segments)
+        send.num_bytes += int(segments[:, 2].sum()) if len(segments) else 0
+        send.num_segments += len(segments)
+        return segments
 
     @staticmethod
     def _guard(send: _Send, fn: Any, *args: Any) -> None:
@@ -210,7 +212,7 @@ class StepSends:
             send.error = str(err) or type(err).__name__
 
 
-def _failure(request_id: str, err: Exception) -> tuple[str, str]:
+def _failure(request_id: str, err: object) -> tuple[str, str]:
     logger.warning("KV transfer for %s failed: %s", request_id, err)
     return request_id, f"KV transfer failed: {err}"
 
@@ -219,7 +221,7 @@ def _on_gpu(pool: torch.Tensor | None) -> bool:
     return pool is not None and pool.device.type == "cuda"
 
 
-def _device_ready(pool: torch.Tensor | None) -> Any:
+def _device_ready(pool: torch.Tensor | None) -> Callable[[], object] | None:
     """What a transfer thread waits on before reading the KV the GPU is still writing."""
     if not _on_gpu(pool):
         return None

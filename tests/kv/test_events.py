@@ -91,9 +91,11 @@ def test_published_batches_replay_to_the_snapshot(model_dir):
 
 def _slow_joiner_handshake(llm: LLM, sub) -> None:
     """A SUB socket misses what is sent before it has joined: wait until it hears a batch,
-    made by one request whose blocks then define the starting state."""
-    for _ in range(50):
-        llm.generate([{"prompt_token_ids": list(range(5, 40))}], SamplingParams(max_tokens=1))
+    made by one request whose blocks then define the starting state. Each try's prompt starts
+    with its own token: a repeated prompt would hit the cache and publish nothing new."""
+    for attempt in range(50):
+        prompt = [5 + attempt] + list(range(100, 134))
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1))
         try:
             sub.recv_multipart()
             return

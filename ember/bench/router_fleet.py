@@ -50,6 +50,7 @@ class RouterFleetConfig:
     rate: float | None = None  # sessions/s; None: load x measured capacity
     kv_cache_bytes: int = 8 << 20  # per worker: room for about a third of the sessions
     num_threads: int = 1  # per worker
+    affinity_load_factor: float = 1.25  # the router's bound before a session moves
     seed: int = 0
 
 
@@ -68,6 +69,7 @@ def _fleet(cfg: RouterFleetConfig, policy: str, tmp: Path) -> Iterator[str]:
             proc.wait_ready()
         argv = (sys.executable, "-m", "ember.cli", "router", "--model", cfg.model_dir,
                 "--health-interval-s", "0.5", *POLICY_FLAGS[policy],
+                "--affinity-load-factor", str(cfg.affinity_load_factor),
                 *(arg for p in procs for arg in ("--worker", p.url)))
         router = ServerProcess(ServerLaunch("router", argv, start_timeout_s=120),
                                tmp / "router.log")
@@ -183,6 +185,8 @@ def add_router_fleet_parser(sub: Any) -> None:
     rf.add_argument("--rate", type=float, default=None,
                     help="Sessions/s (skips the capacity run).")
     rf.add_argument("--kv-cache-bytes", type=int, default=8 << 20, help="Per worker.")
+    rf.add_argument("--affinity-load-factor", type=float, default=1.25,
+                    help="The router's load bound before a session moves.")
     rf.add_argument("--out", type=Path, default=Path("benchmarks/router-fleet"))
     rf.set_defaults(func=_cmd_router_fleet)
 
@@ -196,7 +200,7 @@ def _cmd_router_fleet(args: Any) -> int:
         model_dir=str(args.model or build_bench_model("10m")), num_workers=args.num_workers,
         policies=tuple(args.policies.split(",")), sessions=args.sessions, turns=args.turns,
         system_prompt_len=args.system_prompt_len, load=args.load, rate=args.rate,
-        kv_cache_bytes=args.kv_cache_bytes)
+        kv_cache_bytes=args.kv_cache_bytes, affinity_load_factor=args.affinity_load_factor)
     unknown = set(cfg.policies) - set(POLICY_FLAGS)
     if unknown:
         raise ValueError(f"unknown policies {sorted(unknown)}; choose from {list(POLICY_FLAGS)}")

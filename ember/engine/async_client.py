@@ -48,7 +48,8 @@ class _OutputQueue:
     """One request's outputs on their way to its `generate` caller.
 
     Outputs that arrive while the caller is busy are merged: the caller gets the latest state
-    with every delta since its previous output, as a snapshot the processor no longer mutates.
+    with every delta since its previous output, as a snapshot the processor no longer mutates,
+    and the arrival time of each step merged into it (so latency metrics see every step).
     """
 
     def __init__(self, n: int) -> None:
@@ -56,12 +57,19 @@ class _OutputQueue:
         self.error: BaseException | None = None
         self.delta_text = [""] * n
         self.num_taken_token_ids = [0] * n
+        self.num_put_tokens = 0
+        self.step_arrival_times: list[float] = []
         self.event = asyncio.Event()
 
     def put(self, out: RequestOutput) -> None:
         self.latest = out
+        num_tokens = 0
         for i, seq in enumerate(out.outputs):
             self.delta_text[i] += seq.delta_text
+            num_tokens += len(seq.token_ids)
+        if num_tokens > self.num_put_tokens:
+            self.num_put_tokens = num_tokens
+            self.step_arrival_times.append(time.monotonic())
         self.event.set()
 
     def fail(self, error: BaseException) -> None:
@@ -92,7 +100,9 @@ class _OutputQueue:
                 delta_text=self.delta_text[i], delta_token_ids=seq.token_ids[num_taken:]))
             self.delta_text[i] = ""
         prompt_logprobs = None if live.prompt_logprobs is None else list(live.prompt_logprobs)
-        return dataclasses.replace(live, outputs=seqs, prompt_logprobs=prompt_logprobs)
+        times, self.step_arrival_times = self.step_arrival_times, []
+        return dataclasses.replace(live, outputs=seqs, prompt_logprobs=prompt_logprobs,
+                                   step_arrival_times=times)
 
 
 class RequestStream:

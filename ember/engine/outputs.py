@@ -43,3 +43,6 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     finished: bool = False
     num_cached_tokens: int = 0
+    # When each engine step that added tokens to this output reached the front end
+    # (time.monotonic()); set by the async client, whose caller may take several at once.
+    step_arrival_times: list[float] = field(default_factory=list)

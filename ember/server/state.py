@@ -82,7 +82,8 @@ class TrackedStream:
         self._state = state
         self._metrics = state.metrics
         self._stream = stream
-        self._start = self._last = time.monotonic()
+        self._start = time.monotonic()
+        self._last: float | None = None  # when the latest token arrived
         self._num_tokens = 0
         self._is_queued = True
         state.num_queued += 1
@@ -115,10 +116,13 @@ class TrackedStream:
             metrics.prefix_cache_hits.inc(out.num_cached_tokens)
         new = sum(len(s.delta_token_ids) for s in out.outputs)
         if new:
-            (metrics.ttft if self._num_tokens == 0 else metrics.itl).observe(
-                now - (self._start if self._num_tokens == 0 else self._last))
+            for arrived in out.step_arrival_times or (now,):
+                if self._last is None:
+                    metrics.ttft.observe(arrived - self._start)
+                else:
+                    metrics.itl.observe(arrived - self._last)
+                self._last = arrived
             self._num_tokens += new
-            self._last = now
         if out.finished:
             metrics.generation_tokens.inc(self._num_tokens)
             metrics.e2e.observe(now - self._start)

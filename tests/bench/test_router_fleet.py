@@ -14,7 +14,8 @@ from tests.factories import tiny_model_dir
 def test_a_tiny_fleet_run_is_reported(tmp_path):
     cfg = RouterFleetConfig(model_dir=str(tiny_model_dir(tmp_path)), num_workers=2,
                             policies=("ember",), sessions=3, turns=2, system_prompt_len=64,
-                            input_len=16, output_len=4, rate=4.0, kv_cache_bytes=4 << 20)
+                            input_len=16, output_len=4, rate=4.0, kv_cache_bytes=4 << 20,
+                            affinity_load_factor=1000.0)  # no session moves for load
     report = run_router_fleet_bench(cfg)
     (run,) = report["runs"]
     assert run["num_requests"] == 6 and run["num_errors"] == 0

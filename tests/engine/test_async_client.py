@@ -110,6 +110,23 @@ def test_streams_match_offline_greedy(client, offline, loop):
     assert sum(len(outs) for outs, _ in results) > len(results)
 
 
+def test_a_lagging_reader_gets_every_steps_arrival_time(client, loop):
+    """Steps merged into one output while the caller was busy keep their own arrival times,
+    so the server's inter-token latency histogram sees every step."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def body():
+        stream = client.generate("the cache block", params)
+        first = await stream.__anext__()
+        await wait_until_idle(client)  # every later step arrives before the next read
+        return [first] + [out async for out in stream]
+
+    outs = run(loop, body())
+    times = [t for out in outs for t in out.step_arrival_times]
+    assert len(times) == 6 and times == sorted(times)
+    assert len(outs) <= 2 and max(len(out.step_arrival_times) for out in outs) >= 3
+
+
 def test_many_concurrent_streams_with_stop_strings_and_n(client, offline, loop):
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(48)]
     params = [SamplingParams(temperature=0, max_tokens=2 + i % 9, ignore_eos=True,

@@ -162,7 +162,8 @@ def build_router_app(config: RouterConfig,
 
     @app.get("/workers")
     async def workers() -> dict[str, Any]:
-        return {"workers": [w.snapshot() for w in fleet.workers.values()]}
+        return {"workers": [{**w.snapshot(), "indexed_blocks": None if cache is None
+                             else cache.indexed_blocks(w.url)} for w in fleet.workers.values()]}
 
     @app.post("/workers")
     async def register(body: WorkerRegistration) -> dict[str, Any]:

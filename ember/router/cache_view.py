@@ -48,6 +48,11 @@ class CacheView:
             if worker.url not in self._subscribers and worker.url not in self._approx_workers:
                 await self._join(worker.url)
 
+    def indexed_blocks(self, url: str) -> int:
+        """Blocks the router believes `url` holds: from its KV events, or else from where it
+        sent prompts."""
+        return self.index.num_blocks(url) + self.approx.num_blocks(url)
+
     async def _join(self, url: str) -> None:
         fetch = http_snapshot_fetcher(url)
         try:

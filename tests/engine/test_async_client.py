@@ -95,6 +95,7 @@ def test_ready_exposes_runtime_and_tokenizer(client, loop):
 def test_streams_match_offline_greedy(client, offline, loop):
     params = [SamplingParams(temperature=0, max_tokens=4 + 3 * i, ignore_eos=True)
               for i in range(len(PROMPTS))]
+    params[-1] = params[-1].clone(max_tokens=40)  # long enough to stream on a busy machine
     expected = offline.generate(PROMPTS, params)
 
     async def body():
@@ -150,13 +151,13 @@ def test_many_concurrent_streams_with_stop_strings_and_n(client, offline, loop):
 
 
 def test_abort_mid_stream_frees_kv_blocks(client, loop):
-    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=58, ignore_eos=True)
 
     async def body():
         outs = []
         async for out in client.generate("hello world", params, request_id="to-abort"):
             outs.append(out)
-            if len(outs) == 3:
+            if len(outs) == 1:  # a lagging reader may get many steps in one output
                 busy = await client.get_stats()
                 await client.abort("to-abort")
         return outs, busy, await client.get_stats()
@@ -164,7 +165,7 @@ def test_abort_mid_stream_frees_kv_blocks(client, loop):
     outs, busy, stats = run(loop, body())
     assert busy.num_requests == 1 and busy.num_free_blocks < busy.num_blocks
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
-    assert len(outs[-1].outputs[0].token_ids) < 50
+    assert len(outs[-1].outputs[0].token_ids) < 58
     assert stats.num_requests == 0 and stats.num_free_blocks == stats.num_blocks
 
 

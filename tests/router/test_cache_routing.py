@@ -30,7 +30,10 @@ def test_requests_follow_the_cached_prefix(model_dir):
             homes = {"caches": a.url, "routers": b.url}
             for topic, url in homes.items():  # warm each worker directly
                 assert _chat(url, _conversation(topic)).status_code == 200
-            time.sleep(1.0)  # let the router's subscribers take the batches
+            deadline = time.monotonic() + 60  # the router's subscribers take the batches,
+            while not all(w["indexed_blocks"] for w in router.workers()):  # or resync
+                assert time.monotonic() < deadline, router.workers()
+                time.sleep(0.1)
             for _ in range(3):
                 for topic, url in homes.items():
                     follow_up = _conversation(topic) + [

@@ -85,7 +85,6 @@ def _urls(router) -> set[str]:
 
 def _wait_for(router, urls: set[str]) -> None:
     deadline = time.monotonic() + 10
-    while _urls(router) != urls:
-        assert time.monotonic() < deadline, _urls(router)
+    while _urls(router) != urls or not all(w["healthy"] for w in router.workers()):
+        assert time.monotonic() < deadline, router.workers()
         time.sleep(0.1)
-    assert all(w["healthy"] for w in router.workers())

@@ -194,6 +194,18 @@ async def wait_until(predicate: Callable[[], bool], timeout_s: float = 15.0) -> 
         await asyncio.sleep(0.01)
 
 
+async def _slow_joiner_handshake(worker: FakeWorker, is_caught_up: Callable[[], bool]) -> None:
+    """A SUB socket misses what is sent before it has joined: send single batches until one
+    is heard (one that arrives after a lost one is a gap, and resyncs)."""
+    for _ in range(300):
+        worker.random_events(5)
+        worker.flush()
+        await asyncio.sleep(0.05)
+        if is_caught_up():
+            return
+    raise AssertionError("the subscriber never heard the publisher")
+
+
 class FakeWorker:
     """A publisher and recorder, and the truth a real worker's snapshot would return."""
 
@@ -247,6 +259,7 @@ def test_subscriber_follows_a_real_publisher_through_gaps_to_the_replayed_state(
                                 idle_resync_s=60.0)
         task = asyncio.create_task(sub.run())
         await wait_until(lambda: sub.num_resyncs >= 1)
+        await _slow_joiner_handshake(worker, caught_up)
         for i in range(30):
             worker.random_events(5)
             worker.flush()

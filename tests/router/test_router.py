@@ -7,12 +7,14 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ember.bench.serve import servers
+from ember.router.affinity import AffinityRing
 from tests.server.conftest import MODEL_NAME, ServerProcess, free_port, running_server
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hello"}],
@@ -175,11 +177,12 @@ class _BrokenWorker:
 
 @pytest.mark.parametrize("mode", ["503", "drop"])
 def test_failures_before_the_first_byte_are_retried_elsewhere(fleet, mode):
-    router, a, _ = fleet
+    router, a, b = fleet
     broken = _BrokenWorker(mode)
     httpx.post(f"{router.url}/workers", json={"url": broken.url}, timeout=30).raise_for_status()
     try:
-        results = [_chat(router, {"x-session-affinity": f"r{mode}{i}"}) for i in range(9)]
+        results = [_chat(router, {"x-session-affinity": s})
+                   for s in _sessions_homed_on(broken.url, (a.url, b.url, broken.url), mode)]
         assert all(r.status_code == 200 for r in results), [r.text for r in results]
         assert broken.num_calls > 0  # it was chosen, failed, and the request went elsewhere
         assert broken.url not in {r.headers["x-ember-worker"] for r in results}
@@ -189,6 +192,15 @@ def test_failures_before_the_first_byte_are_retried_elsewhere(fleet, mode):
     finally:
         httpx.request("DELETE", f"{router.url}/workers", params={"url": broken.url},
                       timeout=10)
+
+
+def _sessions_homed_on(url: str, ring_urls: tuple[str, ...], prefix: str) -> list[str]:
+    """Three sessions whose ring home is `url` (so it is surely tried), then six others."""
+    ring = AffinityRing()
+    for ring_url in ring_urls:
+        ring.add(ring_url)
+    names = (f"r{prefix}{i}" for i in range(10_000))
+    return [s for s in names if ring.home(s) == url][:3] + [f"r{prefix}x{i}" for i in range(6)]
 
 
 def test_load_the_router_did_not_send_is_counted(fleet):
@@ -203,7 +215,9 @@ def test_load_the_router_did_not_send_is_counted(fleet):
             assert time.monotonic() < deadline, external
             time.sleep(0.1)
         assert external[b.url] == 0
-        served = {_chat(router).headers["x-ember-worker"] for _ in range(4)}
+        with ThreadPoolExecutor(4) as pool:  # at once, while a surely still decodes
+            served = {r.headers["x-ember-worker"] for r in pool.map(_chat, [router] * 4)}
+        assert {w["url"]: w["external_decode_tokens"] for w in router.workers()}[a.url] > 0
         assert served == {b.url}  # the cost function sees a's decode load
     _assert_idle(router)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,14 @@ def async_client(server):
 
     return AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
                        timeout=60)
+
+
+def wait_until(predicate, timeout_s: float = 30.0) -> None:
+    """Poll `predicate` until it holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def kv_usage(server: ServerProcess) -> tuple[float, float]:

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import psutil
@@ -18,17 +17,16 @@ from ember.config import EngineConfig, ServerConfig
 from ember.server.app import build_app
 from ember.server.metrics import ServerMetrics
 from ember.server.state import ServerState
-from tests.server.conftest import MODEL_NAME, ServerProcess, kv_usage, running_server
+from tests.server.conftest import (
+    MODEL_NAME,
+    ServerProcess,
+    kv_usage,
+    running_server,
+    wait_until,
+)
 
 CHAT = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 LONG = {"model": MODEL_NAME, "prompt": "a", "max_tokens": 400, "ignore_eos": True}
-
-
-def _wait_until(predicate, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_503_while_loading_and_draining(model_dir):
@@ -63,14 +61,14 @@ def test_stream_disconnect_frees_blocks_at_once(server):
             next(lines)
             assert kv_usage(server)[0] == 1.0  # running, holding blocks
         # leaving the block closed the connection
-    _wait_until(lambda: kv_usage(server) == (0.0, 0.0), timeout_s=5)
+    wait_until(lambda: kv_usage(server) == (0.0, 0.0), timeout_s=5)
 
 
 def test_non_stream_disconnect_frees_blocks(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json={**LONG, "max_tokens": 1000},
                    timeout=httpx.Timeout(10, read=0.3))
-    _wait_until(lambda: kv_usage(server) == (0.0, 0.0), timeout_s=5)
+    wait_until(lambda: kv_usage(server) == (0.0, 0.0), timeout_s=5)
 
 
 def test_sigterm_lets_streams_finish_then_exits_zero(model_dir):
@@ -83,7 +81,7 @@ def test_sigterm_lets_streams_finish_then_exits_zero(model_dir):
             lines = resp.iter_lines()
             next(lines)
             server.proc.send_signal(signal.SIGTERM)
-            _wait_until(lambda: _refuses_new_requests(server), timeout_s=10)
+            wait_until(lambda: _refuses_new_requests(server), timeout_s=10)
             events = [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]", events[-3:]
         last = json.loads(events[-2].removeprefix("data: "))
@@ -106,7 +104,7 @@ def test_dead_engine_gives_503_not_a_hang(model_dir):
         (core,) = [c for c in psutil.Process(server.proc.pid).children()
                    if "resource_tracker" not in " ".join(c.cmdline())]
         core.kill()
-        _wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503)
+        wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503)
         resp = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=10)
         assert resp.status_code == 503
         assert "not running" in resp.json()["error"]["message"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -58,3 +60,13 @@ def test_moe_outside_bf16_is_not_captured(tmp_path, architecture, dtype, safe):
     model, _ = load_model(tiny_model_dir(tmp_path, architecture, num_layers=1), dtype)
     assert isinstance(model, DecoderModel)
     assert setup._graph_safe(model) is safe
+
+
+def test_onednn_keeps_a_primitive_per_token_count_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    setup.keep_gemm_primitives()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(
+        setup.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "2048")
+    setup.keep_gemm_primitives()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "2048"

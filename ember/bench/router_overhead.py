@@ -103,11 +103,11 @@ def _row(concurrency: int, samples: dict[str, _Samples], router_cpu_s: float) ->
             "router_cpu_us_per_chunk": router_cpu_s / relayed * 1e6}
 
 
-def _cpu_split(router_cpus: tuple[int, ...]) -> tuple[set[int], set[int]]:
-    """(the router's CPUs, everyone else's); both all CPUs when none are reserved."""
-    allowed = os.sched_getaffinity(0)
+def _cpu_split(router_cpus: tuple[int, ...]) -> tuple[set[int] | None, set[int] | None]:
+    """(the router's CPUs, everyone else's); (None, None) when none are reserved."""
     if not router_cpus:
-        return allowed, allowed
+        return None, None
+    allowed = os.sched_getaffinity(0)
     mine, rest = set(router_cpus), allowed - set(router_cpus)
     if not mine <= allowed or not rest:
         raise ValueError(f"router_cpus {sorted(mine)} must be a proper subset of the CPUs this "
@@ -117,12 +117,15 @@ def _cpu_split(router_cpus: tuple[int, ...]) -> tuple[set[int], set[int]]:
     return mine, rest
 
 
-def _on_cpus(argv: tuple[str, ...], cpus: set[int], pin: bool) -> tuple[str, ...]:
-    return ("taskset", "-c", ",".join(map(str, sorted(cpus))), *argv) if pin else argv
+def _on_cpus(argv: tuple[str, ...], cpus: set[int] | None) -> tuple[str, ...]:
+    return argv if cpus is None else ("taskset", "-c", ",".join(map(str, sorted(cpus))), *argv)
 
 
 @contextlib.contextmanager
-def _this_process_on(cpus: set[int]) -> Iterator[None]:
+def _this_process_on(cpus: set[int] | None) -> Iterator[None]:
+    if cpus is None:
+        yield
+        return
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cpus)
     try:
@@ -145,14 +148,13 @@ def run_router_overhead(cfg: RouterOverheadConfig) -> dict[str, Any]:
     from ember.bench.throughput import machine_info
 
     router_cpus, other_cpus = _cpu_split(cfg.router_cpus)
-    pin = bool(cfg.router_cpus)
     worker = ServerLaunch("timestamp-worker", _on_cpus((
         sys.executable, "-m", "ember.bench.timestamp_worker",
-        "--interval-ms", str(cfg.interval_ms)), other_cpus, pin), start_timeout_s=60)
+        "--interval-ms", str(cfg.interval_ms)), other_cpus), start_timeout_s=60)
     with tempfile.TemporaryDirectory(prefix="ember-router-overhead-") as tmp, \
             running_server(worker, Path(tmp) / "worker.log") as w:
         router = ServerLaunch("router", _on_cpus((sys.executable, "-m", "ember.cli", "router",
-                                                  "--worker", w.url), router_cpus, pin),
+                                                  "--worker", w.url), router_cpus),
                               start_timeout_s=60)
         with running_server(router, Path(tmp) / "router.log") as r, \
                 _this_process_on(other_cpus):

@@ -3,12 +3,10 @@ conversation goes to the worker that already holds its prefix."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from tests.router.test_router import RouterProcess
-from tests.server.conftest import MODEL_NAME, free_port, running_server
+from tests.server.conftest import MODEL_NAME, free_port, running_server, wait_until
 
 
 def _conversation(topic: str) -> list[dict]:
@@ -30,10 +28,8 @@ def test_requests_follow_the_cached_prefix(model_dir):
             homes = {"caches": a.url, "routers": b.url}
             for topic, url in homes.items():  # warm each worker directly
                 assert _chat(url, _conversation(topic)).status_code == 200
-            deadline = time.monotonic() + 60  # the router's subscribers take the batches,
-            while not all(w["indexed_blocks"] for w in router.workers()):  # or resync
-                assert time.monotonic() < deadline, router.workers()
-                time.sleep(0.1)
+            # the router's subscribers take the batches (or resync after a missed one)
+            wait_until(lambda: all(w["indexed_blocks"] for w in router.workers()), 60)
             for _ in range(3):
                 for topic, url in homes.items():
                     follow_up = _conversation(topic) + [

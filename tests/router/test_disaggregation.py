@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.router.test_router import RouterProcess, _assert_idle
-from tests.server.conftest import MODEL_NAME, ServerProcess, running_server
+from tests.server.conftest import MODEL_NAME, ServerProcess, running_server, wait_until
 
 SYSTEM = "You are a careful assistant who answers in few words. " * 4
 CHAT = {"model": MODEL_NAME, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
@@ -49,11 +49,8 @@ def _kv_usage(server) -> float:
 def _wait_serving(router, url: str) -> None:
     """Until the router sees `url` healthy with its breaker closed: a previous test's frozen
     worker may still be marked down when the next one starts."""
-    deadline = time.monotonic() + 20
-    while not any(w["url"] == url and w["healthy"] and not w["breaker_open"]
-                  for w in router.workers()):
-        assert time.monotonic() < deadline, router.workers()
-        time.sleep(0.1)
+    wait_until(lambda: any(w["url"] == url and w["healthy"] and not w["breaker_open"]
+                           for w in router.workers()))
 
 
 def _wait_baseline(*servers) -> None:
@@ -137,10 +134,7 @@ def test_a_client_that_leaves_during_the_remote_prefill_frees_the_reservation(fl
     prefill.proc.send_signal(signal.SIGSTOP)  # the prefill hangs; the client gives up
     try:
         client = _send_raw_chat(router.url, "gone " * 40)
-        deadline = time.monotonic() + 20
-        while _kv_usage(decode) == 0:  # the blocks are reserved while the prefill hangs
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: _kv_usage(decode) > 0)  # reserved while the prefill hangs
         client.close()
         _wait_baseline(decode)  # and freed well before the reservation's 30 s expiry
     finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class CacheConfig:
                           "GPU what gpu_memory_utilization leaves after the weights, at "
                           "most twice what max_num_seqs sequences of max_model_len fill)."},
     )
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "KV cache element type: auto (the model's dtype) or fp8 (= fp8_e4m3) "
+                          "or fp8_e5m2: half the bytes per token of a 16-bit cache, stored "
+                          "with scale 1 and clamped to the format's range.",
+                  "choices": KV_CACHE_DTYPES},
+    )
     gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "Fraction of the GPU's memory for this engine's weights + "
                                          "KV cache."}
@@ -83,6 +91,9 @@ class CacheConfig:
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         for name in ("kv_cpu_bytes", "kv_disk_bytes"):

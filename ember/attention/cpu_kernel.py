@@ -20,7 +20,9 @@ _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
 # NOTE: linked in a second step without -ffast-math: with it, gcc links crtfastmath.o into the
 # library, whose loading turns on flush-to-zero for the whole process (user code included).
 _LINK_FLAGS = ["-shared", "-fopenmp"]
-_FUNCTIONS = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
+_IO_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+_CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2,
+                torch.float8_e5m2: 3}
 
 
 @cache
@@ -32,14 +34,16 @@ def load_kernel() -> ctypes.CDLL | None:
                          cpu_signature().encode())
     if lib is None:
         return None
-    for name in (*_FUNCTIONS.values(), "write_kv"):
+    for name in ("paged_attention", "write_kv"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
-def kernel_supports(lib: ctypes.CDLL | None, dtype: torch.dtype, num_heads: int,
-                    num_kv_heads: int, head_dim: int) -> bool:
-    return (lib is not None and dtype in _FUNCTIONS
+def kernel_supports(lib: ctypes.CDLL | None, dtype: torch.dtype, cache_dtype: torch.dtype,
+                    num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel attends `dtype` queries over a `cache_dtype` cache of this shape."""
+    return (lib is not None and dtype in _IO_KINDS and cache_dtype in _CACHE_KINDS
+            and bool(lib.supports_kinds(_IO_KINDS[dtype], _CACHE_KINDS[cache_dtype]))
             and num_heads // num_kv_heads <= lib.max_group() and lib.supports_head_dim(head_dim))
 
 
@@ -58,16 +62,18 @@ def paged_attention(
     out = torch.empty_like(q)
     kv_heads, num_blocks, block_size, head_dim = key_cache.shape
     ptr = ctypes.c_void_p
-    status = getattr(lib, _FUNCTIONS[q.dtype])(
+    status = lib.paged_attention(
         ptr(q.data_ptr()), ptr(key_cache.data_ptr()), ptr(value_cache.data_ptr()),
         ptr(block_tables.data_ptr()), ptr(query_start.data_ptr()), ptr(context_lens.data_ptr()),
         ptr(out.data_ptr()), ctypes.c_int(context_lens.shape[0]), ctypes.c_int(q.shape[1]),
         ctypes.c_int(kv_heads), ctypes.c_int(head_dim), ctypes.c_int(num_blocks),
         ctypes.c_int(block_size.bit_length() - 1), ctypes.c_int(block_tables.shape[1]),
-        ctypes.c_float(scale), ctypes.c_int(window or 0), ctypes.c_int(torch.get_num_threads()))
+        ctypes.c_float(scale), ctypes.c_int(window or 0), ctypes.c_int(_IO_KINDS[q.dtype]),
+        ctypes.c_int(_CACHE_KINDS[key_cache.dtype]), ctypes.c_int(torch.get_num_threads()))
     if status != 0:
         raise ValueError(f"CPU attention kernel cannot serve head_dim={head_dim} with "
-                         f"{q.shape[1] // kv_heads} query heads per kv head")
+                         f"{q.shape[1] // kv_heads} query heads per kv head, {q.dtype} queries "
+                         f"and a {key_cache.dtype} cache")
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ember.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
 from ember.attention.cpu_kernel import kernel_supports, load_kernel, paged_attention, write_kv
+from ember.attention.kv_dtype import as_copyable, quantize_kv
 
 
 @dataclass
@@ -157,15 +158,17 @@ class TorchBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, metadata: TorchMetadata, spec: AttentionSpec):
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [kv_heads, blocks, block, dim]
+        k, v = quantize_kv(k, key_cache.dtype), quantize_kv(v, value_cache.dtype)
         kernel = metadata.kernel
         if kernel is None or not write_kv(self._lib, k, v, key_cache, value_cache,
                                           metadata.slot_mapping):
             flat_shape = (spec.num_kv_heads, -1, spec.head_dim)
-            key_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping, k.transpose(0, 1))
-            value_cache.view(flat_shape).index_copy_(1, metadata.slot_mapping,
-                                                     v.transpose(0, 1))
-        if kernel is not None and kernel_supports(self._lib, q.dtype, spec.num_heads,
-                                                  spec.num_kv_heads, spec.head_dim):
+            for cache, new in ((key_cache, k), (value_cache, v)):
+                as_copyable(cache).view(flat_shape).index_copy_(
+                    1, metadata.slot_mapping, as_copyable(new).transpose(0, 1))
+        if kernel is not None and kernel_supports(self._lib, q.dtype, key_cache.dtype,
+                                                  spec.num_heads, spec.num_kv_heads,
+                                                  spec.head_dim):
             return paged_attention(self._lib, q, key_cache, value_cache, kernel.block_tables,
                                    kernel.query_start, kernel.context_lens, spec.scale,
                                    spec.sliding_window)
@@ -206,12 +209,13 @@ class TorchBackend(AttentionBackend):
         q_heads = (q_group.view(num_seqs, max_q, kv_heads, per_kv, dim)
                    .permute(2, 0, 1, 3, 4).reshape(kv_heads, num_seqs, max_q * per_kv, dim))
         q_heads = q_heads * spec.scale
-        keys = self._gather(key_cache, group, is_key=True)  # [kv_heads, S, max_k, dim]
+        # [kv_heads, S, max_k, dim], widened where the cache is fp8
+        keys = self._gather(key_cache, group, is_key=True).to(q.dtype)
         scores = torch.matmul(q_heads, keys.transpose(-1, -2))  # [kv_heads, S, q*per_kv, max_k]
         scores = scores.float().view(kv_heads, num_seqs, max_q, per_kv, group.max_k)
         scores += group.additive_mask(spec.sliding_window)
         probs = scores.softmax(dim=-1).to(q.dtype)
-        values = self._gather(value_cache, group, is_key=False)
+        values = self._gather(value_cache, group, is_key=False).to(q.dtype)
         out = torch.matmul(probs.view(kv_heads, num_seqs, max_q * per_kv, group.max_k), values)
         # [kv_heads, S, max_q * per_kv, dim] -> [S * max_q, heads, dim]
         out = (out.view(kv_heads, num_seqs, max_q, per_kv, dim).permute(1, 2, 0, 3, 4)

@@ -12,6 +12,7 @@ from types import ModuleType
 import torch
 
 from ember.attention.backend import AttentionBackend, AttentionSpec, BatchLayout
+from ember.attention.kv_dtype import FP8_DTYPES, quantize_kv
 
 
 @dataclass
@@ -162,7 +163,8 @@ class TritonBackend(AttentionBackend):
             raise RuntimeError("TritonBackend got CPU tensors but triton is not in interpreter "
                                "mode: set TRITON_INTERPRET=1 before triton is imported")
         key_cache, value_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block, kv_heads, dim]
-        kernels.write_kv(k, v, key_cache, value_cache, metadata.slot_mapping)
+        kernels.write_kv(quantize_kv(k, key_cache.dtype), quantize_kv(v, value_cache.dtype),
+                         key_cache, value_cache, metadata.slot_mapping)
         return kernels.paged_attention(
             q, key_cache, value_cache, metadata.query_start_loc, metadata.seq_lens,
             metadata.block_tables, spec.scale, spec.sliding_window,
@@ -220,7 +222,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     if spec.num_heads % spec.num_kv_heads:
         raise ValueError(f"num_heads={spec.num_heads} is not a multiple of "
                          f"num_kv_heads={spec.num_kv_heads}")
-    if not (q.dtype == k.dtype == v.dtype == kv_cache.dtype):
+    if not (q.dtype == k.dtype == v.dtype) or kv_cache.dtype not in (q.dtype, *FP8_DTYPES):
         raise ValueError(f"dtypes differ: q {q.dtype}, k {k.dtype}, v {v.dtype}, "
                          f"kv_cache {kv_cache.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -56,9 +56,9 @@ def write_kv_kernel(
     dst_offs = dst + heads[:, None] * stride_c_head + dims[None, :]
     k = tl.load(k_ptr + token_idx * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :],
                 mask=mask)
-    tl.store(key_cache_ptr + dst_offs, k, mask=mask)
     v = tl.load(v_ptr + token_idx * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :],
                 mask=mask)
+    tl.store(key_cache_ptr + dst_offs, k, mask=mask)
     tl.store(value_cache_ptr + dst_offs, v, mask=mask)
 
 
@@ -126,6 +126,7 @@ def paged_attention_kernel(
     HAS_WINDOW: tl.constexpr,
     DOT_F32: tl.constexpr,  # dot products on fp32 operands (fp32 inputs, or the interpreter)
     MANUAL_BF16: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache holds fp8: widened to the queries' dtype on load
 ):
     """One program = one (query tile of a sequence, kv head[, KV split]): online softmax.
 
@@ -181,6 +182,9 @@ def paged_attention_kernel(
         kv_offs = slot_offs[:, None] + dims[None, :]
         k = tl.load(key_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # [BLOCK_N, HEAD_DIM_P2]
         v = tl.load(value_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        if KV_FP8 and not DOT_F32:
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
         if DOT_F32:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -198,7 +202,7 @@ def paged_attention_kernel(
         if DOT_F32:
             pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(p.to(v.dtype), v)  # v in the queries' dtype (widened if fp8)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -260,7 +264,9 @@ def write_kv(
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; negative slots are skipped
 ) -> None:
-    """Write each token's k/v rows into its paged slot (kv_cache[:, slot // bs, slot % bs])."""
+    """Write each token's k/v rows into its paged slot (kv_cache[:, slot // bs, slot % bs]).
+    k/v come in the cache's dtype: an fp8 cache's rows are quantized beforehand (quantize_kv;
+    triton's interpreter rounds fp8 wrongly, so the cast is kept out of the kernel)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -342,6 +348,7 @@ def paged_attention(
         HAS_WINDOW=sliding_window is not None,
         DOT_F32=IS_INTERPRETED or q.dtype == torch.float32,
         MANUAL_BF16=manual_bf16,
+        KV_FP8=key_cache.element_size() == 1,
     )
     if num_splits > 1:
         reduce_splits_kernel[(num_tokens, num_heads)](

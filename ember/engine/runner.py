@@ -11,6 +11,7 @@ import torch
 
 from ember.attention.backend import AttentionBackend, BatchLayout
 from ember.attention.context import ForwardContext, forward_context
+from ember.attention.kv_dtype import as_copyable
 from ember.engine.constraint import SamplingConstraint
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.sampler import Sampler, SamplingRow, compute_token_logprobs, make_generator
@@ -89,13 +90,15 @@ class ModelRunner:
         if loads:
             ids = torch.tensor([b for b, _ in loads], device=self.device)
             blocks = torch.stack([self.tiers.load(h) for _, h in loads], dim=axis)
-            self.kv_pool.index_copy_(axis, ids, blocks.to(self.device, non_blocking=True))
+            as_copyable(self.kv_pool).index_copy_(
+                axis, ids, as_copyable(blocks).to(self.device, non_blocking=True))
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         block_axis = self.backend.block_dim + 1
-        self.kv_pool.index_copy_(block_axis, dst, self.kv_pool.index_select(block_axis, src))
+        pool = as_copyable(self.kv_pool)
+        pool.index_copy_(block_axis, dst, pool.index_select(block_axis, src))
 
     def _prepare_inputs(self, chunks: list[ScheduledChunk]):
         block_size = self.block_size

@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from ember.attention.backend import AttentionBackend, allocate_kv_pool, kv_bytes_per_block
+from ember.attention.kv_dtype import resolve_kv_cache_dtype
 from ember.config import EngineConfig
 from ember.engine.block_hash import root_hash
 from ember.engine.constraint import SamplingConstraint
@@ -154,10 +155,13 @@ def keep_gemm_primitives() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
 
 
-def model_cache_root(model_dir: str, dtype: torch.dtype) -> bytes:
-    """The prefix cache's root hash: the model's config and dtype, not its path, so the same
-    model on two machines shares block hashes and another model never matches."""
-    return root_hash((Path(model_dir) / "config.json").read_bytes(), str(dtype))
+def model_cache_root(model_dir: str, dtype: torch.dtype,
+                     kv_dtype: torch.dtype | None = None) -> bytes:
+    """The prefix cache's root hash: the model's config and dtype (and the KV cache's, when it
+    differs), not its path, so the same model on two machines shares block hashes and neither
+    another model nor another KV format (in a disk tier, say) ever matches."""
+    parts = [str(dtype)] if kv_dtype in (None, dtype) else [str(dtype), f"kv:{kv_dtype}"]
+    return root_hash((Path(model_dir) / "config.json").read_bytes(), *parts)
 
 
 def make_tiers(config: EngineConfig, kv_pool: torch.Tensor, backend: AttentionBackend,
@@ -193,27 +197,29 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                          f"max_position_embeddings={info.max_position_embeddings}")
 
     block_size = config.cache.block_size
+    kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, info.dtype)
     per_block = kv_bytes_per_block(info.num_layers, block_size, info.num_kv_heads,
-                                   info.head_dim, info.dtype)
+                                   info.head_dim, kv_dtype)
     budget = _kv_budget_bytes(config, device, per_block, max_model_len)
     num_blocks = budget // per_block
     if num_blocks < 1:
         raise ValueError(f"KV cache budget of {budget} bytes holds no block "
                          f"({per_block} bytes each); raise kv_cache_memory")
     backend = make_backend(device, config, max_model_len)
-    kv_pool = _allocate_pool(config, info, num_blocks, device, backend)
+    kv_pool = _allocate_pool(config, info, kv_dtype, num_blocks, device, backend)
     runtime = EngineRuntime(str(device), backend.name, num_blocks, block_size, max_model_len,
                             num_blocks * per_block)
     logger.info(
         "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s); fits %.1f sequences of "
         "max_model_len=%d", num_blocks, block_size, runtime.num_kv_tokens,
-        runtime.kv_cache_bytes / 2**20, info.dtype, runtime.num_kv_tokens / max_model_len,
+        runtime.kv_cache_bytes / 2**20, kv_dtype, runtime.num_kv_tokens / max_model_len,
         max_model_len)
     events = KVEventRecorder() if config.cache.kv_events_endpoint else None
     tiers = make_tiers(config, kv_pool, backend, events)
     kv = KVCacheManager(num_blocks, block_size,
                         enable_prefix_caching=config.cache.enable_prefix_caching,
-                        cache_root=model_cache_root(config.model.model, info.dtype), tiers=tiers)
+                        cache_root=model_cache_root(config.model.model, info.dtype, kv_dtype),
+                        tiers=tiers)
     kv.pool.events = events
     scheduler = Scheduler(config.scheduler, kv, max_model_len)
     graphs = None
@@ -229,11 +235,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     return EngineParts(info, runtime, scheduler, runner, constraint, events, transport, layout)
 
 
-def _allocate_pool(config: EngineConfig, info: ModelInfo, num_blocks: int,
-                   device: torch.device, backend: AttentionBackend) -> torch.Tensor:
+def _allocate_pool(config: EngineConfig, info: ModelInfo, kv_dtype: torch.dtype,
+                   num_blocks: int, device: torch.device,
+                   backend: AttentionBackend) -> torch.Tensor:
     """The KV pool; in shared memory where same-host peers write KV into it (shm transport)."""
     args = (info.num_layers, num_blocks, config.cache.block_size, info.num_kv_heads,
-            info.head_dim, info.dtype, device, backend)
+            info.head_dim, kv_dtype, device, backend)
     if config.disagg.role == "both" or config.disagg.kv_transfer_backend != "shm":
         return allocate_kv_pool(*args)
     if device.type != "cpu":
@@ -243,7 +250,7 @@ def _allocate_pool(config: EngineConfig, info: ModelInfo, num_blocks: int,
 
     shape = (info.num_layers, *backend.kv_cache_shape(num_blocks, config.cache.block_size,
                                                       info.num_kv_heads, info.head_dim))
-    return shared_kv_pool(shape, info.dtype).tensor
+    return shared_kv_pool(shape, kv_dtype).tensor
 
 
 def make_kv_transport(config: EngineConfig, kv_pool: torch.Tensor,

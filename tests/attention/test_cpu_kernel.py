@@ -59,26 +59,32 @@ def kernel(request):
         lib = load_c_library("paged_attention_generic", cpu_kernel._SOURCE.read_bytes(),
                              [*cpu_kernel._FLAGS, "-mno-avx512bf16"], cpu_kernel._LINK_FLAGS)
         assert lib is not None
-        for name in ("paged_attention_f32", "paged_attention_bf16"):
-            getattr(lib, name).restype = ctypes.c_int
+        lib.paged_attention.restype = ctypes.c_int
     return lib
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, E4M3),
+    (torch.bfloat16, E5M2), (torch.float32, E4M3)])
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 256])
 @pytest.mark.parametrize("block_size,heads,kv_heads,window", [
     (4, 8, 8, None), (16, 8, 2, None), (32, 8, 1, 23), (8, 16, 2, 5)])
-def test_kernel_matches_dense_attention(kernel, dtype, head_dim, block_size, heads, kv_heads,
-                                       window):
+def test_kernel_matches_dense_attention(kernel, dtype, cache_dtype, head_dim, block_size, heads,
+                                       kv_heads, window):
     """Contexts of many 16-position tiles, over scattered blocks of every size, mixing
     prefill chunks (one longer than a block of query rows, starting mid-context) with decodes:
-    each output equals dense softmax attention."""
+    each output equals dense softmax attention over the cache's values (an fp8 cache as
+    PyTorch decodes it)."""
     gen = torch.Generator().manual_seed(head_dim + block_size)
     context_lens, query_lens = [1, 37, 70, 16, 90, 150], [1, 1, 20, 16, 1, 130]
     max_blocks = max(-(-c // block_size) for c in context_lens)
     num_blocks = max_blocks * len(context_lens) + 3
-    key_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
-    value_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    key_cache, value_cache = (
+        torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen).to(cache_dtype)
+        for _ in range(2))
     tables = torch.randperm(num_blocks, generator=gen)[:max_blocks * len(context_lens)]
     tables = tables.view(len(context_lens), max_blocks).to(torch.int64)
     q = torch.randn(sum(query_lens), heads, head_dim, generator=gen).to(dtype)
@@ -95,6 +101,25 @@ def test_kernel_matches_dense_attention(kernel, dtype, head_dim, block_size, hea
         rows = slice(query_start[s].item(), query_start[s + 1].item())
         expected = _dense_reference(q[rows], keys, values, q_len, scale, window)
         torch.testing.assert_close(out[rows].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cache_dtype", [E4M3, E5M2])
+def test_kernel_widens_every_fp8_value_as_pytorch_does(kernel, cache_dtype):
+    """Each sequence has one position, so its output is that position's value row: every
+    finite fp8 bit pattern (subnormals, both zeros, the largest) must come out as PyTorch's
+    own conversion gives it."""
+    dim = 32
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = bits[torch.isfinite(bits.view(cache_dtype).float())]
+    rows = torch.cat([finite, finite[:(-len(finite)) % dim]]).view(-1, dim)  # padded to rows
+    num_seqs = rows.shape[0]
+    value_cache = rows.view(cache_dtype).view(1, num_seqs, 1, dim)
+    key_cache = torch.zeros_like(value_cache)
+    out = paged_attention(kernel, torch.ones(num_seqs, 1, dim), key_cache, value_cache,
+                          torch.arange(num_seqs, dtype=torch.int64).view(-1, 1),
+                          torch.arange(num_seqs + 1, dtype=torch.int32),
+                          torch.ones(num_seqs, dtype=torch.int32), 1.0, None)
+    assert torch.equal(out.view(-1, dim), rows.view(cache_dtype).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -150,6 +150,22 @@ def test_paged_attention_half_dtypes_and_block_sizes(dtype, block_size):
     batch.check(out, _tol(dtype))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_attention_reads_an_fp8_cache(dtype, cache_dtype):
+    """Over an fp8 cache the kernel attends the values PyTorch decodes from it."""
+    spec = AttentionSpec(8, 2, 32, 32**-0.5, None)
+    batch = _PagedBatch(CHUNKS["mixed"], spec, block_size=4, dtype=dtype, seed=5)
+    cache = batch.kv_cache.to(cache_dtype)
+    batch.keys = [k.to(cache_dtype).float() for k in batch.keys]
+    batch.values = [v.to(cache_dtype).float() for v in batch.values]
+    out = tk.paged_attention(batch.q, cache[0], cache[1], batch.query_start_loc,
+                             batch.seq_lens, batch.block_tables, spec.scale,
+                             max_query_len=batch.max_query_len)
+    assert out.dtype == dtype
+    batch.check(out, _tol(dtype))
+
+
 def test_paged_attention_reads_strided_q_and_decode_tiles():
     spec = AttentionSpec(4, 2, 16, 0.25, None)
     batch = _PagedBatch(CHUNKS["decode"], spec, block_size=4, dtype=torch.float32, seed=2)
@@ -217,6 +233,31 @@ def test_backend_padded_metadata_keeps_addresses_and_ignores_padding():
                                      torch_backend.build_metadata(layout, DEVICE), spec)
     torch.testing.assert_close(out[:2], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kv_cache, _default_layout(torch_cache))  # padding wrote nothing
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_backend_with_an_fp8_cache_matches_the_torch_backend(cache_dtype):
+    """A prefill chunk and a decode over an fp8 cache: both backends quantize the new rows the
+    same way (large ones clamped, never NaN) and attend the same values."""
+    spec = AttentionSpec(4, 2, 32, 32**-0.5, None)
+    backend = TritonBackend(max_num_seqs=4, max_num_tokens=8, max_blocks_per_seq=4)
+    cache = allocate_kv_cache(1, 8, 4, 2, 32, torch.float32, DEVICE)[0].normal_()
+    kv_cache = cache.to(cache_dtype)
+    layout = BatchLayout([3, 1], [3, 6], [[2], [5, 1]], torch.tensor([8, 9, 10, 5]), 4)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(4, 4, 32, generator=gen).to(torch.bfloat16).to(DEVICE)
+    k = (torch.randn(4, 2, 32, generator=gen) * 1e3).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(4, 2, 32, generator=gen).to(torch.bfloat16).to(DEVICE)
+    torch_cache = _torch_layout(kv_cache.view(torch.uint8)).view(cache_dtype)
+    out = backend.forward(q, k, v, kv_cache, backend.build_metadata(layout, DEVICE), spec)
+
+    torch_backend = TorchBackend()
+    expected = torch_backend.forward(q, k, v, torch_cache,
+                                     torch_backend.build_metadata(layout, DEVICE), spec)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kv_cache.view(torch.uint8),
+                       _default_layout(torch_cache.view(torch.uint8)))
+    assert torch.isfinite(kv_cache.float()).all()
 
 
 def test_backend_rejects_what_it_cannot_serve():

@@ -92,6 +92,37 @@ def test_greedy_outputs_match_a_colocated_core(cores, n):
         assert pool.num_free_blocks == pool.num_blocks  # nothing leaked on either side
 
 
+def test_an_fp8_cache_hands_off_like_a_colocated_fp8_core(model_dir):
+    """Both roles keep fp8 KV (bytes moved as they are); a decode pool of another fp8 format
+    is refused with a clear error, and the failure leaks no block."""
+    colocated, prefill, decode, other = (
+        _core(model_dir, role, kv_cache_dtype=kind) for role, kind in
+        (("both", "fp8"), ("prefill", "fp8"), ("decode", "fp8"), ("decode", "fp8_e5m2")))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            expected = _run(colocated, EngineCoreRequest(f"f8c{i}", prompt, params, 0.0))
+            assert _disaggregated(prefill, decode, f"f8d{i}", prompt, params) == expected
+        reply = other.reserve_kv("mismatch", PROMPTS[0])
+        prefill.add_request(EngineCoreRequest(
+            "mismatch", PROMPTS[0], SamplingParams(max_tokens=1), 0.0,
+            {"do_remote_decode": True, "peer": reply["peer"], "block_ids": reply["block_ids"],
+             "first_block": reply["first_block"]}))
+        outputs = []
+        while prefill.has_unfinished:
+            outputs += prefill.step()
+        assert outputs == []  # no token leaves a prefill whose KV did not arrive
+        ((request_id, why),) = prefill.take_failures()
+        assert request_id == "mismatch" and "float8_e5m2" in why and "--kv-cache-dtype" in why
+        other.release_kv("mismatch")
+        for core in (prefill, decode, other):
+            pool = core.scheduler.kv.pool
+            assert pool.num_free_blocks == pool.num_blocks
+    finally:
+        for core in (colocated, prefill, decode, other):
+            core.close()
+
+
 def test_a_decode_worker_is_connected_once(cores, monkeypatch):
     colocated, prefill, decode = cores
     transport = prefill.kv_sender.transport

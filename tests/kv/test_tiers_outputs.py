@@ -88,3 +88,18 @@ def test_disk_tier_round_trip_restart_and_damage(model_dir, reference, tmp_path)
     assert outputs == reference  # every damaged block was a miss and was recomputed
     assert cached[0] == 0
     damaged.close()
+
+
+def test_an_fp8_cache_round_trips_through_both_tiers(model_dir, tmp_path):
+    """fp8 blocks (a quarter of the fp32 bytes) come back from the CPU tier, and from the disk
+    tier after a restart, with outputs identical to an fp8 engine that never cached."""
+    fp8 = {"kv_cache_dtype": "fp8", "kv_cache_memory": 24 * BLOCK_BYTES // 4}
+    expected = _run(LLM(str(model_dir), dtype="float32", enable_prefix_caching=False, **fp8),
+                    AGENTS)[0]
+    cpu = LLM(str(model_dir), dtype="float32", kv_cpu_bytes=256 * BLOCK_BYTES // 4, **fp8)
+    outputs, cached = _agents_after_filler(cpu)
+    assert outputs == expected and cached[0] == 80
+    disk = {"kv_disk_dir": str(tmp_path), "kv_disk_bytes": 64 << 20}
+    _agents_after_filler(LLM(str(model_dir), dtype="float32", **disk, **fp8))
+    outputs, cached = _run(LLM(str(model_dir), dtype="float32", **disk, **fp8), AGENTS)
+    assert outputs == expected and cached[0] >= 64  # a restarted engine, warm from disk

@@ -2,7 +2,8 @@
  *
  * One call attends every token of a step (decode and chunked prefill alike): a task is one
  * (sequence, kv head) pair and serves all of that head's query heads, so each key/value row
- * is read once per query position. Scores and accumulation are fp32; bf16 is widened on load.
+ * is read once per query position. Scores and accumulation are fp32; a bf16 or fp8 cache is
+ * widened on load (an fp8 cache holds K/V as stored, scale 1, e4m3fn or e5m2 bits).
  *
  * The context is walked in tiles of 16 positions whatever the block size. A decode task puts
  * the tile's 16 keys in the lanes: a tile's rows are widened to fp32 once and shared by the
@@ -35,6 +36,12 @@ typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 typedef uint32_t vuint __attribute__((vector_size(64)));
 typedef uint16_t vhalf __attribute__((vector_size(32)));
+typedef uint8_t vbyte __attribute__((vector_size(16)));
+
+/* What the KV cache holds; queries and outputs are fp32 or bf16 (`io_bf16`). */
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_E4M3 = 2, KIND_E5M2 = 3, NUM_KINDS = 4 };
+
+static inline size_t kind_bytes(int kind) { return kind == KIND_F32 ? 4 : kind == KIND_BF16 ? 2 : 1; }
 
 int supports_head_dim(int d) {
     return d == 32 || d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
@@ -60,6 +67,31 @@ static inline vfloat load_bf16_vec(const uint16_t *p) {
 }
 
 static inline vfloat splat(float x) { return (vfloat){0} + x; }
+
+/* 16 fp8 values (e4m3fn: 3 mantissa bits, bias 7; e5m2: 2, bias 15) widened exactly. A normal
+ * value's exponent and mantissa move into fp32's fields with the bias corrected; a subnormal
+ * (exponent field 0) is its mantissa times the smallest step. The cache never holds NaN or
+ * inf: writes clamp to the format's largest finite value. */
+static inline vfloat load_fp8_vec(const uint8_t *p, int e4m3) {
+    vbyte b;
+    memcpy(&b, p, sizeof b);
+    const vuint u = __builtin_convertvector(b, vuint);
+    const vuint mag = u & 0x7Fu;
+    const int mant_bits = e4m3 ? 3 : 2;
+    const vuint normal_bits = (mag << (23 - mant_bits)) + ((e4m3 ? 120u : 112u) << 23);
+    vfloat normal;
+    memcpy(&normal, &normal_bits, sizeof normal);
+    const vfloat subnormal = __builtin_convertvector(mag, vfloat) * (e4m3 ? 0x1p-9f : 0x1p-16f);
+    const vint is_subnormal = (vint)(mag < (1u << mant_bits));
+    vint bits;
+    memcpy(&bits, &normal, sizeof bits);
+    vint sub_bits;
+    memcpy(&sub_bits, &subnormal, sizeof sub_bits);
+    bits = ((is_subnormal & sub_bits) | (~is_subnormal & bits)) | (vint)((u & 0x80u) << 24);
+    vfloat v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
 
 /* Lane-wise `mask ? a : b` (C has no vector ternary). */
 static inline vfloat blend(vint mask, vfloat a, vfloat b) {
@@ -191,18 +223,20 @@ static inline void prefetch_ahead(const task_args *a, int i, int num_tiles, int 
     }
 }
 
-static inline void widen_row(const char *src, int bf16, int dim, float *dst) {
+static inline void widen_row(const char *src, int kind, int dim, float *dst) {
     for (int c = 0; c < dim; c += TILE)
-        store_vec(dst + c, bf16 ? load_bf16_vec((const uint16_t *)src + c)
-                                : load_vec((const float *)src + c));
+        store_vec(dst + c, kind == KIND_BF16 ? load_bf16_vec((const uint16_t *)src + c)
+                         : kind == KIND_F32  ? load_vec((const float *)src + c)
+                                             : load_fp8_vec((const uint8_t *)src + c,
+                                                            kind == KIND_E4M3));
 }
 
 /* Rows [start, start + n) of the K or V cache, widened into rows[TILE][dim]. */
-static inline void widen_tile(const task_args *a, const char *head, int start, int n, int bf16,
+static inline void widen_tile(const task_args *a, const char *head, int start, int n, int kind,
                               int dim, float *rows) {
-    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
+    const size_t row_bytes = (size_t)dim * kind_bytes(kind);
     for (int j = 0; j < n; ++j)
-        widen_row(head + row_offset(a, start + j, row_bytes), bf16, dim, rows + j * dim);
+        widen_row(head + row_offset(a, start + j, row_bytes), kind, dim, rows + j * dim);
 }
 
 /* Raw q.k of query head g against the tile's n keys, widened to fp32 beforehand. */
@@ -318,8 +352,9 @@ static inline vfloat dot_tile_native(const task_args *a, int t, int g, int start
  * block makes a single pass over the union of its contexts, tile by tile, so a prefill chunk
  * reads and widens each key and value row once per block instead of once per position. Each
  * (position, head) keeps an online softmax (its accumulator rescaled when its max grows). */
-static inline __attribute__((always_inline)) void attend(const task_args *a, int bf16, int dim) {
-    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
+static inline __attribute__((always_inline)) void attend(const task_args *a, int bf16, int kind,
+                                                         int dim) {
+    const size_t row_bytes = (size_t)dim * kind_bytes(kind);
     float qf[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float acc[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float tile[TILE * MAX_DIM] __attribute__((aligned(64)));
@@ -327,7 +362,7 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
     vfloat weights[MAX_ROWS];
     const int group = a->group;
     const int per_block = MAX_ROWS / group < MAX_QUERY_BLOCK ? MAX_ROWS / group : MAX_QUERY_BLOCK;
-    const int widen_keys = !(bf16 && NATIVE_BF16_DOT);
+    const int widen_keys = !(bf16 && kind == KIND_BF16 && NATIVE_BF16_DOT);
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
         const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1);
@@ -344,7 +379,7 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
             const int start = lo + i * TILE;
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
             prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
-            if (widen_keys) widen_tile(a, a->span.k_head, start, n, bf16, dim, tile);
+            if (widen_keys) widen_tile(a, a->span.k_head, start, n, kind, dim, tile);
             for (int t = t0; t < t1; ++t) {
                 /* lanes [first, end) of this tile are inside position t's causal window */
                 const int pos = a->ctx - (a->q_end - t);
@@ -364,7 +399,7 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
                                            acc + r * dim);
                 }
             }
-            widen_tile(a, a->span.v_head, start, n, bf16, dim, tile);
+            widen_tile(a, a->span.v_head, start, n, kind, dim, tile);
             for (int r = 0; r < rows; ++r) accumulate_tile(tile, weights[r], n, dim, acc + r * dim);
         }
         for (int t = t0; t < t1; ++t)
@@ -503,9 +538,9 @@ static inline void store_lane_rows(const task_args *a, int t0, int r0, int rows,
  * MAX_ROWS rows; each block walks the union of its rows' contexts once, tile by tile, and
  * each group of 16 rows skips the tiles outside all of its rows' windows. */
 static inline __attribute__((always_inline)) void attend_rows(const task_args *a, int bf16,
-                                                              int dim) {
+                                                              int kind, int dim) {
     enum { LANE_GROUPS = MAX_ROWS / TILE };
-    const size_t row_bytes = (size_t)dim * (bf16 ? 2 : 4);
+    const size_t row_bytes = (size_t)dim * kind_bytes(kind);
     float qt[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float acct[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float ktile[TILE * MAX_DIM] __attribute__((aligned(64)));
@@ -513,7 +548,7 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     lane_rows lr[LANE_GROUPS];
     vfloat scores[TILE];
     const void *keys[TILE];
-    const int native = bf16 && NATIVE_BF16_DOT;
+    const int native = bf16 && kind == KIND_BF16 && NATIVE_BF16_DOT;
     const int per_block = MAX_ROWS / a->group;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
@@ -532,9 +567,9 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
             const int start = lo + i * TILE;
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
             prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
-            if (!native) widen_tile(a, a->span.k_head, start, n, bf16, dim, ktile);
+            if (!native) widen_tile(a, a->span.k_head, start, n, kind, dim, ktile);
             locate_keys(a, ktile, start, n, native, dim, keys);
-            widen_tile(a, a->span.v_head, start, n, bf16, dim, vtile);
+            widen_tile(a, a->span.v_head, start, n, kind, dim, vtile);
             if (n < TILE)  /* rows past the context: finite zeros (their weights are 0) */
                 memset(vtile + n * dim, 0, sizeof(float) * (TILE - n) * dim);
             for (int lg = 0; lg < groups; ++lg) {
@@ -549,28 +584,44 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     }
 }
 
-/* Specialised per dtype and head dim so the inner loops have fixed trip counts. */
-#define DEFINE_ATTEND(BF16, DIM)                                                   \
-    static void attend_##BF16##_##DIM(const task_args *a) {                        \
-        if (a->q_end - a->q_begin > 1) attend_rows(a, BF16, DIM);                  \
-        else attend(a, BF16, DIM);                                                 \
+/* Specialised per query/cache dtype and head dim so the inner loops have fixed trip counts. */
+#define DEFINE_ATTEND(IO, KIND, DIM)                                               \
+    static void attend_##IO##_##KIND##_##DIM(const task_args *a) {                 \
+        if (a->q_end - a->q_begin > 1) attend_rows(a, IO, KIND, DIM);              \
+        else attend(a, IO, KIND, DIM);                                             \
     }
-#define DEFINE_DIMS(BF16) \
-    DEFINE_ATTEND(BF16, 32) DEFINE_ATTEND(BF16, 64) DEFINE_ATTEND(BF16, 80) \
-    DEFINE_ATTEND(BF16, 96) DEFINE_ATTEND(BF16, 128) DEFINE_ATTEND(BF16, 256)
-DEFINE_DIMS(0)
-DEFINE_DIMS(1)
+#define DEFINE_DIMS(IO, KIND)                                                                  \
+    DEFINE_ATTEND(IO, KIND, 32) DEFINE_ATTEND(IO, KIND, 64) DEFINE_ATTEND(IO, KIND, 80)       \
+    DEFINE_ATTEND(IO, KIND, 96) DEFINE_ATTEND(IO, KIND, 128) DEFINE_ATTEND(IO, KIND, 256)     \
+    static const attend_fn attend_##IO##_##KIND[6] = {                                       \
+        attend_##IO##_##KIND##_32, attend_##IO##_##KIND##_64, attend_##IO##_##KIND##_80,     \
+        attend_##IO##_##KIND##_96, attend_##IO##_##KIND##_128, attend_##IO##_##KIND##_256};
 
 typedef void (*attend_fn)(const task_args *);
 
-static attend_fn attend_for(int bf16, int dim) {
-    static const attend_fn by_dim[2][6] = {
-        {attend_0_32, attend_0_64, attend_0_80, attend_0_96, attend_0_128, attend_0_256},
-        {attend_1_32, attend_1_64, attend_1_80, attend_1_96, attend_1_128, attend_1_256},
+DEFINE_DIMS(0, 0)  /* fp32 everywhere */
+DEFINE_DIMS(1, 1)  /* bf16 everywhere */
+DEFINE_DIMS(0, 2)  /* fp32 queries, e4m3 cache */
+DEFINE_DIMS(1, 2)
+DEFINE_DIMS(0, 3)  /* e5m2 cache */
+DEFINE_DIMS(1, 3)
+
+/* NULL where the pair has no kernel (a bf16 cache under fp32 queries, and the reverse). */
+static const attend_fn *attend_table(int io_bf16, int kind) {
+    static const attend_fn *const by_kind[2][NUM_KINDS] = {
+        {attend_0_0, NULL, attend_0_2, attend_0_3},
+        {NULL, attend_1_1, attend_1_2, attend_1_3},
     };
+    return (io_bf16 == 0 || io_bf16 == 1) && kind >= 0 && kind < NUM_KINDS
+               ? by_kind[io_bf16][kind] : NULL;
+}
+
+int supports_kinds(int io_bf16, int kind) { return attend_table(io_bf16, kind) != NULL; }
+
+static attend_fn attend_for(int io_bf16, int kind, int dim) {
     const int index = dim == 32 ? 0 : dim == 64 ? 1 : dim == 80 ? 2 : dim == 96 ? 3
                     : dim == 128 ? 4 : 5;
-    return by_dim[bf16][index];
+    return attend_table(io_bf16, kind)[index];
 }
 
 typedef struct {
@@ -578,7 +629,7 @@ typedef struct {
     const int64_t *block_tables;
     const int32_t *query_start, *context_lens;
     void *out;
-    int num_heads, num_kv_heads, head_dim, block_shift, max_blocks, window, bf16;
+    int num_heads, num_kv_heads, head_dim, block_shift, max_blocks, window, io_bf16, kind;
     int64_t head_bytes;
     float scale;
 } call_args;
@@ -611,9 +662,9 @@ static void run_task(const call_args *c, attend_fn fn, int task, task_span span,
  * current one, so it knows which blocks to prefetch. */
 static int run(const call_args *c, int num_seqs, int num_threads) {
     if (c->num_heads / c->num_kv_heads > MAX_GROUP || c->block_shift > MAX_BLOCK_SHIFT
-        || !supports_head_dim(c->head_dim))
+        || !supports_head_dim(c->head_dim) || !supports_kinds(c->io_bf16, c->kind))
         return -1;
-    const attend_fn fn = attend_for(c->bf16, c->head_dim);
+    const attend_fn fn = attend_for(c->io_bf16, c->kind, c->head_dim);
     const int num_tasks = num_seqs * c->num_kv_heads;
     int counter = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -632,21 +683,22 @@ static int run(const call_args *c, int num_seqs, int num_threads) {
     return 0;
 }
 
-#define DEFINE_ENTRY(NAME, T, BF16)                                                           \
-int NAME(const T *q, const T *k_cache, const T *v_cache, const int64_t *block_tables,         \
-         const int32_t *query_start, const int32_t *context_lens, T *out, int num_seqs,        \
-         int num_heads, int num_kv_heads, int head_dim, int num_blocks, int block_shift,       \
-         int max_blocks, float scale, int window, int num_threads) {                           \
-    const int64_t head_bytes = (int64_t)num_blocks * ((int64_t)1 << block_shift) * head_dim    \
-                               * (int64_t)sizeof(T);                                            \
-    call_args c = {q, k_cache, v_cache, block_tables, query_start, context_lens, out,          \
-                   num_heads, num_kv_heads, head_dim, block_shift, max_blocks, window, BF16,   \
-                   head_bytes, scale};                                                          \
-    return run(&c, num_seqs, num_threads);                                                     \
+/* q and out are fp32 or bf16 (io_bf16), the caches of `cache_kind`. Returns -1 for a shape or
+ * dtype pair the kernel has no code for. */
+int paged_attention(const void *q, const void *k_cache, const void *v_cache,
+                    const int64_t *block_tables, const int32_t *query_start,
+                    const int32_t *context_lens, void *out, int num_seqs, int num_heads,
+                    int num_kv_heads, int head_dim, int num_blocks, int block_shift,
+                    int max_blocks, float scale, int window, int io_bf16, int cache_kind,
+                    int num_threads) {
+    if (cache_kind < 0 || cache_kind >= NUM_KINDS) return -1;
+    const int64_t head_bytes = (int64_t)num_blocks * ((int64_t)1 << block_shift) * head_dim
+                               * (int64_t)kind_bytes(cache_kind);
+    call_args c = {q, k_cache, v_cache, block_tables, query_start, context_lens, out,
+                   num_heads, num_kv_heads, head_dim, block_shift, max_blocks, window, io_bf16,
+                   cache_kind, head_bytes, scale};
+    return run(&c, num_seqs, num_threads);
 }
-
-DEFINE_ENTRY(paged_attention_f32, float, 0)
-DEFINE_ENTRY(paged_attention_bf16, uint16_t, 1)
 
 /* A step's K and V rows into their cache slots (the cache as [kv_heads, slots, dim]); k and v
  * are [tokens, kv_heads, dim] with rows contiguous, at the given element strides. Returns -1,

@@ -202,6 +202,11 @@ class KVTransport(ABC):
         missing = [f for f in ("nbytes", *self.peer_fields) if f not in peer]
         if missing:
             raise KVTransferError(f"{self.name}: peer descriptor lacks field(s) {missing}")
+        dtype = str(pool.dtype).removeprefix("torch.")
+        if peer.get("dtype", dtype) != dtype:  # same sizes (e4m3 vs e5m2) would copy garbage
+            raise KVTransferError(f"{self.name}: peer {self.peer_name(peer)} keeps its KV cache "
+                                  f"in {peer['dtype']}, this worker in {dtype} (set the same "
+                                  f"--kv-cache-dtype on both)")
         checked = as_segments(segments)
         _check_bounds(checked, pool.numel() * pool.element_size(), int(peer["nbytes"]),
                       self.peer_name(peer))

@@ -165,6 +165,8 @@ def test_wrong_descriptors_are_refused(local, peer: Peer, backend: str) -> None:
     field = transport.peer_fields[0]
     with pytest.raises(KVTransferError, match=f"lacks field.*{field}"):
         transport.write({k: v for k, v in peer.descriptor.items() if k != field}, segments)
+    with pytest.raises(KVTransferError, match="float8_e5m2.*--kv-cache-dtype"):
+        transport.write({**peer.descriptor, "dtype": "float8_e5m2"}, segments)
     with pytest.raises(KVTransferError, match="write past peer"):
         transport.write(peer.descriptor, [(0, peer.descriptor["nbytes"] - 8, 16)])
     with pytest.raises(KVTransferError, match="read past the local pool"):

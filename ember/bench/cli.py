@@ -21,6 +21,7 @@ from ember.bench.models import MODEL_SIZES, build_bench_model
 from ember.bench.router_fleet import add_router_fleet_parser
 from ember.bench.router_overhead import add_router_overhead_parser
 from ember.bench.serve.cli import add_load_args, add_serve_parser, load_config
+from ember.config import KV_CACHE_DTYPES
 
 
 def _sizes(value: str) -> tuple[str, ...]:
@@ -54,6 +55,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         num_warmup=args.num_warmup, kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len, cache_dir=cache_dir() / "bench-cache",
         model_dir=args.model, quiet_wait_s=args.quiet_wait_s, repeats=args.repeats,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     report = run_throughput(cfg)
     print(to_markdown(report))
@@ -69,7 +71,8 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     for size in args.model_size:
         cfg = EfficiencyConfig(model_size=size, batch_sizes=args.batch_sizes,
                                prompt_len=args.prompt_len, num_steps=args.num_steps,
-                               kv_cache_gib=args.kv_cache_gib, model_dir=args.model)
+                               kv_cache_gib=args.kv_cache_gib, model_dir=args.model,
+                               engine_options={"kv_cache_dtype": args.kv_cache_dtype})
         reports.append(run_efficiency(cfg))
         if args.model is not None:
             break
@@ -103,6 +106,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     tp.add_argument("--kv-cache-gib", type=float, default=4.0,
                     help="KV cache for ember and vLLM (VLLM_CPU_KVCACHE_SPACE), GiB.")
     tp.add_argument("--max-model-len", type=int, default=1024, help="Context length.")
+    tp.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                    help="KV cache dtype of ember and vLLM (both take the same names).")
     tp.add_argument("--repeats", type=int, default=1,
                     help="Timed runs per engine (fresh prompts, same lengths); the fastest "
                     "is reported, all are kept in the JSON.")
@@ -120,6 +125,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     eff.add_argument("--prompt-len", type=int, default=128, help="Context before decoding.")
     eff.add_argument("--num-steps", type=int, default=20, help="Timed decode steps per batch.")
     eff.add_argument("--kv-cache-gib", type=float, default=1.0, help="ember's KV cache, GiB.")
+    eff.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                     help="ember's KV cache dtype.")
     eff.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
     eff.set_defaults(func=cmd_efficiency)
 

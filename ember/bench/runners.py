@@ -34,7 +34,8 @@ def run_ember(spec: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     llm = LLM(spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"],
-              kv_cache_memory=int(spec["kv_cache_gib"] * 2**30), **spec.get("ember_options", {}))
+              kv_cache_memory=int(spec["kv_cache_gib"] * 2**30),
+              kv_cache_dtype=spec.get("kv_cache_dtype", "auto"), **spec.get("ember_options", {}))
     load_s = time.perf_counter() - t0
 
     prompts, params = requests(Workload.from_json(spec["warmup"]))
@@ -56,7 +57,9 @@ def run_ember(spec: dict[str, Any]) -> dict[str, Any]:
         "load_s": load_s,
         "warmup_s": warmup_s,
         "runs": runs,
-        "settings": {"kv_cache_gib": spec["kv_cache_gib"], **spec.get("ember_options", {})},
+        "settings": {"kv_cache_gib": spec["kv_cache_gib"],
+                     "kv_cache_dtype": spec.get("kv_cache_dtype", "auto"),
+                     **spec.get("ember_options", {})},
         **_rusage(),
     }
 

@@ -40,6 +40,7 @@ class ThroughputConfig:
     repeats: int = 1  # timed runs per engine (fresh prompts, same lengths); the fastest counts
     dtype: str = "bfloat16"
     kv_cache_gib: float = 4.0  # the same KV budget for ember and vLLM
+    kv_cache_dtype: str = "auto"  # the same KV dtype name for both (auto, fp8, ...)
     max_model_len: int = 1024
     timeout_s: float = 1800.0
     cache_dir: Path | None = None  # TMPDIR and compile caches for the vLLM child
@@ -219,7 +220,8 @@ def bench_model(model_dir: Path, label: str, cfg: ThroughputConfig) -> dict[str,
     warmup = make_workload(cfg.num_warmup, config["vocab_size"], seed=cfg.seed + 1,
                            output_len_range=(4, 16))
     spec = {"model": str(model_dir), "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
-            "kv_cache_gib": cfg.kv_cache_gib, "workloads": [w.to_json() for w in workloads],
+            "kv_cache_gib": cfg.kv_cache_gib, "kv_cache_dtype": cfg.kv_cache_dtype,
+            "workloads": [w.to_json() for w in workloads],
             "warmup": warmup.to_json(), "ember_options": cfg.ember_options}
     results: dict[str, dict[str, Any]] = {}
     for engine in cfg.engines:
@@ -317,7 +319,7 @@ def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
               "config": {"num_prompts": cfg.num_prompts, "engines": list(cfg.engines),
                          "seed": cfg.seed, "dtype": cfg.dtype, "kv_cache_gib": cfg.kv_cache_gib,
                          "max_model_len": cfg.max_model_len, "num_warmup": cfg.num_warmup,
-                         "repeats": cfg.repeats},
+                         "repeats": cfg.repeats, "kv_cache_dtype": cfg.kv_cache_dtype},
               "runs": [bench_model(model_dir, label, cfg) for model_dir, label in models]}
     (cfg.out_dir / "throughput.json").write_text(json.dumps(report, indent=2))
     (cfg.out_dir / "throughput.md").write_text(to_markdown(report))

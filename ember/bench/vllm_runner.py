@@ -44,6 +44,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         model=spec["model"],
         dtype=spec["dtype"],
         max_model_len=spec["max_model_len"],
+        kv_cache_dtype=spec.get("kv_cache_dtype", "auto"),
         seed=0,
         enforce_eager=spec.get("enforce_eager", False),
     )
@@ -69,7 +70,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "load_s": load_s,
         "warmup_s": warmup_s,
         "runs": runs,
-        "settings": {k: os.environ[k] for k in ENV_DEFAULTS},
+        "settings": {**{k: os.environ[k] for k in ENV_DEFAULTS},
+                     "kv_cache_dtype": spec.get("kv_cache_dtype", "auto")},
         "ru_maxrss_self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "ru_maxrss_children_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     }

@@ -239,6 +239,24 @@ static inline void widen_tile(const task_args *a, const char *head, int start, i
         widen_row(head + row_offset(a, start + j, row_bytes), kind, dim, rows + j * dim);
 }
 
+/* Rows [start, start + n) of an fp8 cache as bf16 rows[TILE][dim]: exact (bf16 has fp8's
+ * exponent range and more mantissa), so the bf16 dot product serves fp8 keys too. */
+static inline void narrow_tile(const task_args *a, const char *head, int start, int n, int kind,
+                               int dim, uint16_t *rows) {
+    for (int j = 0; j < n; ++j) {
+        const uint8_t *src = (const uint8_t *)head + row_offset(a, start + j, (size_t)dim);
+        for (int c = 0; c < dim; c += TILE) {
+            const vfloat v = load_fp8_vec(src + c, kind == KIND_E4M3);
+            vuint bits;
+            memcpy(&bits, &v, sizeof bits);
+            const vhalf h = __builtin_convertvector(bits >> 16, vhalf);
+            memcpy(rows + j * dim + c, &h, sizeof h);
+        }
+    }
+}
+
+static inline int is_fp8(int kind) { return kind == KIND_E4M3 || kind == KIND_E5M2; }
+
 /* Raw q.k of query head g against the tile's n keys, widened to fp32 beforehand. */
 static inline vfloat dot_tile_f32(const float *qg, const float *keys, int n, int dim) {
     vfloat part[TILE];
@@ -269,14 +287,16 @@ static inline vfloat dot_row_bf16(const uint16_t *q, const uint16_t *k, int dim)
     return (vfloat)dot;
 }
 
-static inline vfloat dot_tile_bf16(const task_args *a, const uint16_t *qg, int start, int n,
-                                   int dim) {
+/* keys: the tile's bf16 rows (narrowed from fp8), or NULL to read them in the bf16 cache. */
+static inline vfloat dot_tile_bf16(const task_args *a, const uint16_t *qg, const uint16_t *keys,
+                                   int start, int n, int dim) {
     vfloat part[TILE];
-    for (int j = 0; j < TILE; ++j)
-        part[j] = j < n ? dot_row_bf16(qg, (const uint16_t *)(a->span.k_head
-                                                  + row_offset(a, start + j, (size_t)dim * 2)),
-                                       dim)
-                        : (vfloat){0};
+    for (int j = 0; j < TILE; ++j) {
+        const uint16_t *k = keys ? keys + j * dim
+                                 : (const uint16_t *)(a->span.k_head
+                                                      + row_offset(a, start + j, (size_t)dim * 2));
+        part[j] = j < n ? dot_row_bf16(qg, k, dim) : (vfloat){0};
+    }
     return sum_each(part);
 }
 #define NATIVE_BF16_DOT 1
@@ -337,13 +357,13 @@ static inline void store_outputs(const task_args *a, int t, int bf16, int dim, c
 }
 
 /* Query head g's raw scores straight from the bf16 cache (only where the CPU has a bf16 dot). */
-static inline vfloat dot_tile_native(const task_args *a, int t, int g, int start, int n,
-                                     int dim) {
+static inline vfloat dot_tile_native(const task_args *a, int t, int g, const uint16_t *keys,
+                                     int start, int n, int dim) {
 #if NATIVE_BF16_DOT
     const size_t head = (size_t)t * a->num_heads + (size_t)a->kvh * a->group + g;
-    return dot_tile_bf16(a, (const uint16_t *)a->q + head * dim, start, n, dim);
+    return dot_tile_bf16(a, (const uint16_t *)a->q + head * dim, keys, start, n, dim);
 #else
-    (void)a, (void)t, (void)g, (void)start, (void)n, (void)dim;
+    (void)a, (void)t, (void)g, (void)keys, (void)start, (void)n, (void)dim;
     return (vfloat){0};
 #endif
 }
@@ -358,11 +378,13 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
     float qf[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float acc[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float tile[TILE * MAX_DIM] __attribute__((aligned(64)));
+    uint16_t keys16[TILE * MAX_DIM] __attribute__((aligned(64)));  /* fp8 keys, narrowed */
     float maxs[MAX_ROWS], sums[MAX_ROWS];
     vfloat weights[MAX_ROWS];
     const int group = a->group;
     const int per_block = MAX_ROWS / group < MAX_QUERY_BLOCK ? MAX_ROWS / group : MAX_QUERY_BLOCK;
-    const int widen_keys = !(bf16 && kind == KIND_BF16 && NATIVE_BF16_DOT);
+    const int widen_keys = !(bf16 && (kind == KIND_BF16 || is_fp8(kind)) && NATIVE_BF16_DOT);
+    const uint16_t *keys = widen_keys || kind == KIND_BF16 ? NULL : keys16;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
         const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1);
@@ -380,6 +402,7 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
             prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
             if (widen_keys) widen_tile(a, a->span.k_head, start, n, kind, dim, tile);
+            else if (keys) narrow_tile(a, a->span.k_head, start, n, kind, dim, keys16);
             for (int t = t0; t < t1; ++t) {
                 /* lanes [first, end) of this tile are inside position t's causal window */
                 const int pos = a->ctx - (a->q_end - t);
@@ -394,7 +417,8 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
                         continue;
                     }
                     const vfloat dots = widen_keys ? dot_tile_f32(qf + r * dim, tile, end, dim)
-                                                   : dot_tile_native(a, t, g, start, end, dim);
+                                                   : dot_tile_native(a, t, g, keys, start, end,
+                                                                     dim);
                     weights[r] = fold_tile(dots, a->scale, first, end, dim, &maxs[r], &sums[r],
                                            acc + r * dim);
                 }
@@ -459,11 +483,13 @@ static inline void load_lane_rows(const task_args *a, int t0, int r0, int rows, 
 }
 
 /* Where the tile's key rows are, once per tile for all its row groups: in the bf16 cache for
- * the native dot, else widened in ktile; a zero row past the context. */
-static inline void locate_keys(const task_args *a, const float *ktile, int start, int n,
-                               int native, int dim, const void *keys[TILE]) {
+ * the native dot (or narrowed from fp8 into keys16), else widened in ktile; a zero row past
+ * the context. */
+static inline void locate_keys(const task_args *a, const float *ktile, const uint16_t *keys16,
+                               int start, int n, int native, int dim, const void *keys[TILE]) {
     for (int j = 0; j < TILE; ++j)
         keys[j] = j >= n ? (const void *)ZERO_ROW
+                : keys16 ? (const void *)(keys16 + j * dim)
                 : native ? (const void *)(a->span.k_head
                                           + row_offset(a, start + j, (size_t)dim * 2))
                          : (const void *)(ktile + j * dim);
@@ -545,10 +571,12 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     float acct[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float ktile[TILE * MAX_DIM] __attribute__((aligned(64)));
     float vtile[TILE * MAX_DIM] __attribute__((aligned(64)));
+    uint16_t keys16_buf[TILE * MAX_DIM] __attribute__((aligned(64)));  /* fp8 keys, narrowed */
     lane_rows lr[LANE_GROUPS];
     vfloat scores[TILE];
     const void *keys[TILE];
-    const int native = bf16 && kind == KIND_BF16 && NATIVE_BF16_DOT;
+    const int native = bf16 && (kind == KIND_BF16 || is_fp8(kind)) && NATIVE_BF16_DOT;
+    uint16_t *keys16 = native && is_fp8(kind) ? keys16_buf : NULL;
     const int per_block = MAX_ROWS / a->group;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
@@ -568,7 +596,8 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
             prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
             if (!native) widen_tile(a, a->span.k_head, start, n, kind, dim, ktile);
-            locate_keys(a, ktile, start, n, native, dim, keys);
+            else if (keys16) narrow_tile(a, a->span.k_head, start, n, kind, dim, keys16);
+            locate_keys(a, ktile, keys16, start, n, native, dim, keys);
             widen_tile(a, a->span.v_head, start, n, kind, dim, vtile);
             if (n < TILE)  /* rows past the context: finite zeros (their weights are 0) */
                 memset(vtile + n * dim, 0, sizeof(float) * (TILE - n) * dim);

@@ -241,18 +241,21 @@ static inline void widen_tile(const task_args *a, const char *head, int start, i
 
 /* Rows [start, start + n) of an fp8 cache as bf16 rows[TILE][dim]: exact (bf16 has fp8's
  * exponent range and more mantissa), so the bf16 dot product serves fp8 keys too. */
+static inline void narrow_row(const uint8_t *src, int kind, size_t len, uint16_t *dst) {
+    for (size_t c = 0; c < len; c += TILE) {
+        const vfloat v = load_fp8_vec(src + c, kind == KIND_E4M3);
+        vuint bits;
+        memcpy(&bits, &v, sizeof bits);
+        const vhalf h = __builtin_convertvector(bits >> 16, vhalf);
+        memcpy(dst + c, &h, sizeof h);
+    }
+}
+
 static inline void narrow_tile(const task_args *a, const char *head, int start, int n, int kind,
                                int dim, uint16_t *rows) {
-    for (int j = 0; j < n; ++j) {
-        const uint8_t *src = (const uint8_t *)head + row_offset(a, start + j, (size_t)dim);
-        for (int c = 0; c < dim; c += TILE) {
-            const vfloat v = load_fp8_vec(src + c, kind == KIND_E4M3);
-            vuint bits;
-            memcpy(&bits, &v, sizeof bits);
-            const vhalf h = __builtin_convertvector(bits >> 16, vhalf);
-            memcpy(rows + j * dim + c, &h, sizeof h);
-        }
-    }
+    for (int j = 0; j < n; ++j)
+        narrow_row((const uint8_t *)head + row_offset(a, start + j, (size_t)dim), kind,
+                   (size_t)dim, rows + j * dim);
 }
 
 static inline int is_fp8(int kind) { return kind == KIND_E4M3 || kind == KIND_E5M2; }
@@ -613,10 +616,39 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     }
 }
 
+/* A prefill task over an fp8 cache: its blocks are narrowed to bf16 once, into a copy with
+ * an identity block table, and attended as a bf16 cache (attend_rows would otherwise convert
+ * each row again for every block of query rows it walks). */
+static void attend_rows_fp8(const task_args *a, int bf16, int kind, int dim) {
+    const int shift = a->block_shift, num_blocks = a->span.last_block + 1;
+    const size_t block_elems = ((size_t)1 << shift) * dim;
+    uint16_t *kv16 = malloc(2 * (size_t)num_blocks * block_elems * sizeof *kv16);
+    int64_t *table = malloc((size_t)num_blocks * sizeof *table);
+    if (kv16 == NULL || table == NULL) {  /* no memory: convert tile by tile instead */
+        free(kv16), free(table);
+        attend_rows(a, bf16, kind, dim);
+        return;
+    }
+    uint16_t *v16 = kv16 + (size_t)num_blocks * block_elems;
+    for (int b = a->span.first_block; b < num_blocks; ++b) {
+        const size_t at = (size_t)a->span.table[b] * block_elems;  /* fp8: 1 byte each */
+        table[b] = b;
+        narrow_row((const uint8_t *)a->span.k_head + at, kind, block_elems, kv16 + b * block_elems);
+        narrow_row((const uint8_t *)a->span.v_head + at, kind, block_elems, v16 + b * block_elems);
+    }
+    task_args local = *a;
+    local.span.k_head = (const char *)kv16, local.span.v_head = (const char *)v16;
+    local.span.table = table;
+    local.next = NULL;  /* its blocks are fp8: prefetching them as bf16 rows would miss */
+    attend_rows(&local, bf16, KIND_BF16, dim);
+    free(kv16), free(table);
+}
+
 /* Specialised per query/cache dtype and head dim so the inner loops have fixed trip counts. */
 #define DEFINE_ATTEND(IO, KIND, DIM)                                               \
     static void attend_##IO##_##KIND##_##DIM(const task_args *a) {                 \
-        if (a->q_end - a->q_begin > 1) attend_rows(a, IO, KIND, DIM);              \
+        if (a->q_end - a->q_begin > 1 && is_fp8(KIND)) attend_rows_fp8(a, IO, KIND, DIM); \
+        else if (a->q_end - a->q_begin > 1) attend_rows(a, IO, KIND, DIM);         \
         else attend(a, IO, KIND, DIM);                                             \
     }
 #define DEFINE_DIMS(IO, KIND)                                                                  \

@@ -72,7 +72,7 @@ static inline vfloat splat(float x) { return (vfloat){0} + x; }
  * value's exponent and mantissa move into fp32's fields with the bias corrected; a subnormal
  * (exponent field 0) is its mantissa times the smallest step. The cache never holds NaN or
  * inf: writes clamp to the format's largest finite value. */
-static inline vfloat load_fp8_vec(const uint8_t *p, int e4m3) {
+static inline vfloat load_fp8_vec_bits(const uint8_t *p, int e4m3) {
     vbyte b;
     memcpy(&b, p, sizeof b);
     const vuint u = __builtin_convertvector(b, vuint);
@@ -92,6 +92,27 @@ static inline vfloat load_fp8_vec(const uint8_t *p, int e4m3) {
     memcpy(&v, &bits, sizeof v);
     return v;
 }
+
+#ifdef __FLT16_MAX__
+typedef _Float16 vf16 __attribute__((vector_size(32)));
+
+/* 16 fp8 values widened exactly through fp16, which the CPU converts in one instruction:
+ * e5m2 is fp16's top byte; e4m3fn's exponent and mantissa placed in fp16's fields give its
+ * value divided by 2^8 (bias 15 for 7), subnormals included. The cache never holds NaN or
+ * inf: writes clamp to the format's largest finite value. */
+static inline vfloat load_fp8_vec(const uint8_t *p, int e4m3) {
+    vbyte b;
+    memcpy(&b, p, sizeof b);
+    const vhalf u = __builtin_convertvector(b, vhalf);
+    const vhalf bits = e4m3 ? (vhalf)(((u & 0x7F) << 7) | ((u & 0x80) << 8)) : (vhalf)(u << 8);
+    vf16 h;
+    memcpy(&h, &bits, sizeof h);
+    const vfloat f = __builtin_convertvector(h, vfloat);
+    return e4m3 ? f * 256.f : f;
+}
+#else
+#define load_fp8_vec load_fp8_vec_bits
+#endif
 
 /* Lane-wise `mask ? a : b` (C has no vector ternary). */
 static inline vfloat blend(vint mask, vfloat a, vfloat b) {

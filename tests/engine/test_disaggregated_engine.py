@@ -76,6 +76,22 @@ def _disaggregated(prefill: EngineCore, decode: EngineCore, rid: str, prompt: li
                                           {"transfer_id": rid, "first_token_ids": first_ids}))
 
 
+def _failed_remote_prefill(prefill: EngineCore, rid: str, prompt: list[int], peer: dict,
+                           reply: dict) -> str:
+    """Run a remote prefill whose transfer must fail; returns why it failed."""
+    prefill.add_request(EngineCoreRequest(
+        rid, prompt, SamplingParams(max_tokens=1), 0.0,
+        {"do_remote_decode": True, "peer": peer, "block_ids": reply["block_ids"],
+         "first_block": reply["first_block"]}))
+    outputs = []
+    while prefill.has_unfinished:
+        outputs += prefill.step()
+    assert outputs == []  # no token leaves a prefill whose KV did not arrive
+    ((request_id, why),) = prefill.take_failures()
+    assert request_id == rid
+    return why
+
+
 PROMPTS = [list(range(3, 40)), [5, 9, 2, 7] * 5, list(range(50, 61))]
 
 
@@ -104,16 +120,8 @@ def test_an_fp8_cache_hands_off_like_a_colocated_fp8_core(model_dir):
             expected = _run(colocated, EngineCoreRequest(f"f8c{i}", prompt, params, 0.0))
             assert _disaggregated(prefill, decode, f"f8d{i}", prompt, params) == expected
         reply = other.reserve_kv("mismatch", PROMPTS[0])
-        prefill.add_request(EngineCoreRequest(
-            "mismatch", PROMPTS[0], SamplingParams(max_tokens=1), 0.0,
-            {"do_remote_decode": True, "peer": reply["peer"], "block_ids": reply["block_ids"],
-             "first_block": reply["first_block"]}))
-        outputs = []
-        while prefill.has_unfinished:
-            outputs += prefill.step()
-        assert outputs == []  # no token leaves a prefill whose KV did not arrive
-        ((request_id, why),) = prefill.take_failures()
-        assert request_id == "mismatch" and "float8_e5m2" in why and "--kv-cache-dtype" in why
+        why = _failed_remote_prefill(prefill, "mismatch", PROMPTS[0], reply["peer"], reply)
+        assert "float8_e5m2" in why and "--kv-cache-dtype" in why
         other.release_kv("mismatch")
         for core in (prefill, decode, other):
             pool = core.scheduler.kv.pool
@@ -156,16 +164,8 @@ def test_a_failed_transfer_fails_the_request_and_frees_both_sides(cores):
     prompt = list(range(200, 230))
     reply = decode.reserve_kv("fail", prompt)
     dead_peer = {**reply["peer"], "pid_started": -1.0}  # as if the decode worker had died
-    prefill.add_request(EngineCoreRequest(
-        "fail", prompt, SamplingParams(max_tokens=1), 0.0,
-        {"do_remote_decode": True, "peer": dead_peer, "block_ids": reply["block_ids"],
-         "first_block": reply["first_block"]}))
-    outputs = []
-    while prefill.has_unfinished:
-        outputs += prefill.step()
-    assert outputs == []  # no token leaves a prefill whose KV did not arrive
-    ((request_id, why),) = prefill.take_failures()
-    assert request_id == "fail" and "KV transfer failed" in why and "not running" in why
+    why = _failed_remote_prefill(prefill, "fail", prompt, dead_peer, reply)
+    assert "KV transfer failed" in why and "not running" in why
     decode.release_kv("fail")
     for core in (prefill, decode):
         assert core.scheduler.kv.pool.num_free_blocks == core.scheduler.kv.pool.num_blocks

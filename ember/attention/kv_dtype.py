@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ember.config import KV_CACHE_DTYPES
-
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
         "fp8_e5m2": torch.float8_e5m2}
 
 
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    if name == "auto":
-        return model_dtype
-    if name not in _FP8:
-        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {name!r}")
-    return _FP8[name]
+    """`name` is one of ember.config.KV_CACHE_DTYPES (CacheConfig validates it)."""
+    return model_dtype if name == "auto" else _FP8[name]
 
 
 def is_fp8(dtype: torch.dtype) -> bool:

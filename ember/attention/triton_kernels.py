@@ -56,9 +56,9 @@ def write_kv_kernel(
     dst_offs = dst + heads[:, None] * stride_c_head + dims[None, :]
     k = tl.load(k_ptr + token_idx * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :],
                 mask=mask)
+    tl.store(key_cache_ptr + dst_offs, k, mask=mask)
     v = tl.load(v_ptr + token_idx * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :],
                 mask=mask)
-    tl.store(key_cache_ptr + dst_offs, k, mask=mask)
     tl.store(value_cache_ptr + dst_offs, v, mask=mask)
 
 

@@ -41,7 +41,9 @@ typedef uint8_t vbyte __attribute__((vector_size(16)));
 /* What the KV cache holds; queries and outputs are fp32 or bf16 (`io_bf16`). */
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_E4M3 = 2, KIND_E5M2 = 3, NUM_KINDS = 4 };
 
-static inline size_t kind_bytes(int kind) { return kind == KIND_F32 ? 4 : kind == KIND_BF16 ? 2 : 1; }
+static inline size_t kind_bytes(int kind) {
+    return kind == KIND_F32 ? 4 : kind == KIND_BF16 ? 2 : 1;
+}
 
 int supports_head_dim(int d) {
     return d == 32 || d == 64 || d == 80 || d == 96 || d == 128 || d == 256;
@@ -68,32 +70,10 @@ static inline vfloat load_bf16_vec(const uint16_t *p) {
 
 static inline vfloat splat(float x) { return (vfloat){0} + x; }
 
-/* 16 fp8 values (e4m3fn: 3 mantissa bits, bias 7; e5m2: 2, bias 15) widened exactly. A normal
- * value's exponent and mantissa move into fp32's fields with the bias corrected; a subnormal
- * (exponent field 0) is its mantissa times the smallest step. The cache never holds NaN or
- * inf: writes clamp to the format's largest finite value. */
-static inline vfloat load_fp8_vec_bits(const uint8_t *p, int e4m3) {
-    vbyte b;
-    memcpy(&b, p, sizeof b);
-    const vuint u = __builtin_convertvector(b, vuint);
-    const vuint mag = u & 0x7Fu;
-    const int mant_bits = e4m3 ? 3 : 2;
-    const vuint normal_bits = (mag << (23 - mant_bits)) + ((e4m3 ? 120u : 112u) << 23);
-    vfloat normal;
-    memcpy(&normal, &normal_bits, sizeof normal);
-    const vfloat subnormal = __builtin_convertvector(mag, vfloat) * (e4m3 ? 0x1p-9f : 0x1p-16f);
-    const vint is_subnormal = (vint)(mag < (1u << mant_bits));
-    vint bits;
-    memcpy(&bits, &normal, sizeof bits);
-    vint sub_bits;
-    memcpy(&sub_bits, &subnormal, sizeof sub_bits);
-    bits = ((is_subnormal & sub_bits) | (~is_subnormal & bits)) | (vint)((u & 0x80u) << 24);
-    vfloat v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
+/* fp8 caches need _Float16 (gcc >= 12 on x86, and arm64); without it supports_kinds() says no
+ * and the PyTorch path serves them. */
 #ifdef __FLT16_MAX__
+#define HAS_FP8 1
 typedef _Float16 vf16 __attribute__((vector_size(32)));
 
 /* 16 fp8 values widened exactly through fp16, which the CPU converts in one instruction:
@@ -111,7 +91,11 @@ static inline vfloat load_fp8_vec(const uint8_t *p, int e4m3) {
     return e4m3 ? f * 256.f : f;
 }
 #else
-#define load_fp8_vec load_fp8_vec_bits
+#define HAS_FP8 0
+static inline vfloat load_fp8_vec(const uint8_t *p, int e4m3) {
+    (void)p, (void)e4m3;
+    return (vfloat){0};
+}
 #endif
 
 /* Lane-wise `mask ? a : b` (C has no vector ternary). */
@@ -507,13 +491,11 @@ static inline void load_lane_rows(const task_args *a, int t0, int r0, int rows, 
 }
 
 /* Where the tile's key rows are, once per tile for all its row groups: in the bf16 cache for
- * the native dot (or narrowed from fp8 into keys16), else widened in ktile; a zero row past
- * the context. */
-static inline void locate_keys(const task_args *a, const float *ktile, const uint16_t *keys16,
-                               int start, int n, int native, int dim, const void *keys[TILE]) {
+ * the native dot, else widened in ktile; a zero row past the context. */
+static inline void locate_keys(const task_args *a, const float *ktile, int start, int n,
+                               int native, int dim, const void *keys[TILE]) {
     for (int j = 0; j < TILE; ++j)
         keys[j] = j >= n ? (const void *)ZERO_ROW
-                : keys16 ? (const void *)(keys16 + j * dim)
                 : native ? (const void *)(a->span.k_head
                                           + row_offset(a, start + j, (size_t)dim * 2))
                          : (const void *)(ktile + j * dim);
@@ -595,12 +577,10 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
     float acct[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
     float ktile[TILE * MAX_DIM] __attribute__((aligned(64)));
     float vtile[TILE * MAX_DIM] __attribute__((aligned(64)));
-    uint16_t keys16_buf[TILE * MAX_DIM] __attribute__((aligned(64)));  /* fp8 keys, narrowed */
     lane_rows lr[LANE_GROUPS];
     vfloat scores[TILE];
     const void *keys[TILE];
-    const int native = bf16 && (kind == KIND_BF16 || is_fp8(kind)) && NATIVE_BF16_DOT;
-    uint16_t *keys16 = native && is_fp8(kind) ? keys16_buf : NULL;
+    const int native = bf16 && kind == KIND_BF16 && NATIVE_BF16_DOT;
     const int per_block = MAX_ROWS / a->group;
     for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
         const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
@@ -620,8 +600,7 @@ static inline __attribute__((always_inline)) void attend_rows(const task_args *a
             const int n = last_pos - start < TILE ? last_pos - start : TILE;
             prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
             if (!native) widen_tile(a, a->span.k_head, start, n, kind, dim, ktile);
-            else if (keys16) narrow_tile(a, a->span.k_head, start, n, kind, dim, keys16);
-            locate_keys(a, ktile, keys16, start, n, native, dim, keys);
+            locate_keys(a, ktile, start, n, native, dim, keys);
             widen_tile(a, a->span.v_head, start, n, kind, dim, vtile);
             if (n < TILE)  /* rows past the context: finite zeros (their weights are 0) */
                 memset(vtile + n * dim, 0, sizeof(float) * (TILE - n) * dim);
@@ -645,7 +624,7 @@ static void attend_rows_fp8(const task_args *a, int bf16, int kind, int dim) {
     const size_t block_elems = ((size_t)1 << shift) * dim;
     uint16_t *kv16 = malloc(2 * (size_t)num_blocks * block_elems * sizeof *kv16);
     int64_t *table = malloc((size_t)num_blocks * sizeof *table);
-    if (kv16 == NULL || table == NULL) {  /* no memory: convert tile by tile instead */
+    if (kv16 == NULL || table == NULL) {  /* no memory: widen tile by tile instead */
         free(kv16), free(table);
         attend_rows(a, bf16, kind, dim);
         return;
@@ -654,8 +633,10 @@ static void attend_rows_fp8(const task_args *a, int bf16, int kind, int dim) {
     for (int b = a->span.first_block; b < num_blocks; ++b) {
         const size_t at = (size_t)a->span.table[b] * block_elems;  /* fp8: 1 byte each */
         table[b] = b;
-        narrow_row((const uint8_t *)a->span.k_head + at, kind, block_elems, kv16 + b * block_elems);
-        narrow_row((const uint8_t *)a->span.v_head + at, kind, block_elems, v16 + b * block_elems);
+        narrow_row((const uint8_t *)a->span.k_head + at, kind, block_elems,
+                   kv16 + b * block_elems);
+        narrow_row((const uint8_t *)a->span.v_head + at, kind, block_elems,
+                   v16 + b * block_elems);
     }
     task_args local = *a;
     local.span.k_head = (const char *)kv16, local.span.v_head = (const char *)v16;
@@ -694,8 +675,9 @@ static const attend_fn *attend_table(int io_bf16, int kind) {
         {attend_0_0, NULL, attend_0_2, attend_0_3},
         {NULL, attend_1_1, attend_1_2, attend_1_3},
     };
-    return (io_bf16 == 0 || io_bf16 == 1) && kind >= 0 && kind < NUM_KINDS
-               ? by_kind[io_bf16][kind] : NULL;
+    if (io_bf16 < 0 || io_bf16 > 1 || kind < 0 || kind >= NUM_KINDS || (is_fp8(kind) && !HAS_FP8))
+        return NULL;
+    return by_kind[io_bf16][kind];
 }
 
 int supports_kinds(int io_bf16, int kind) { return attend_table(io_bf16, kind) != NULL; }

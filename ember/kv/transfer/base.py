@@ -83,7 +83,7 @@ class KVTransport(ABC):
         pool = self._require_pool()
         return {"backend": self.name, "version": DESCRIPTOR_VERSION,
                 "nbytes": pool.numel() * pool.element_size(), "shape": list(pool.shape),
-                "dtype": str(pool.dtype).removeprefix("torch."),
+                "dtype": _dtype_name(pool),
                 "element_size": pool.element_size(), **self._endpoint()}
 
     def connect(self, peer: dict[str, Any]) -> None:
@@ -202,7 +202,7 @@ class KVTransport(ABC):
         missing = [f for f in ("nbytes", *self.peer_fields) if f not in peer]
         if missing:
             raise KVTransferError(f"{self.name}: peer descriptor lacks field(s) {missing}")
-        dtype = str(pool.dtype).removeprefix("torch.")
+        dtype = _dtype_name(pool)
         if peer.get("dtype", dtype) != dtype:  # same sizes (e4m3 vs e5m2) would copy garbage
             raise KVTransferError(f"{self.name}: peer {self.peer_name(peer)} keeps its KV cache "
                                   f"in {peer['dtype']}, this worker in {dtype} (set the same "
@@ -211,6 +211,10 @@ class KVTransport(ABC):
         _check_bounds(checked, pool.numel() * pool.element_size(), int(peer["nbytes"]),
                       self.peer_name(peer))
         return checked
+
+
+def _dtype_name(pool: torch.Tensor) -> str:
+    return str(pool.dtype).removeprefix("torch.")
 
 
 def _check_bounds(segments: Segments, local_bytes: int, peer_bytes: int, peer: str) -> None:

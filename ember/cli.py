@@ -70,6 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _model_dir(args)
     options = {"preload_grammar": True, **engine_options(args)}
     config = EngineConfig.from_options(model, **options)
+    if config.device.cpu_cores is not None:  # before any thread or the engine core starts
+        from ember.launch.cpu_cores import bind_to_cores, parse_cpu_list
+
+        bind_to_cores(parse_cpu_list(config.device.cpu_cores))
     server = server_config(args)
     name = server.served_model_name or (args.model if args.model else "demo")
     return run_server(config, server, name)
@@ -94,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     extra = [a for a in args.worker_args if a != "--"]
     plan = FleetPlan(_model_dir(args), args.served_model_name or (args.model or "demo"),
                      prefill, decode, colocated, args.host, args.port,
-                     args.kv_transfer_backend, tuple(extra))
+                     args.kv_transfer_backend, tuple(extra), bind_cores=args.bind_cores)
     return run_up(plan)
 
 
@@ -147,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-transfer-backend", default="shm", choices=("shm", "mooncake"),
                     help="How disaggregated workers move KV (default: shm, same host).")
     up.add_argument("--served-model-name", default=None, help="Model id clients send.")
+    up.add_argument("--bind-cores", action=argparse.BooleanOptionalAction, default=False,
+                    help="Give each worker its own cores (an equal, disjoint share), so workers "
+                         "never compete for one; the router is not bound.")
     up.add_argument("worker_args", nargs=argparse.REMAINDER,
                     help="After `--`: engine options for every worker (e.g. -- --dtype "
                          "float32).")

@@ -130,7 +130,12 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = field(default="auto", metadata={"help": "cpu|cuda|auto."})
     num_threads: int | None = field(
-        default=None, metadata={"help": "CPU threads for torch (default: all cores)."}
+        default=None, metadata={"help": "CPU threads for torch (default: one per core this "
+                                        "process may use)."}
+    )
+    cpu_cores: str | None = field(
+        default=None, metadata={"help": "Bind this worker to these CPU cores, e.g. '0-3' or "
+                                        "'0,2' (Linux; default: no binding)."}
     )
     enforce_eager: bool = field(
         default=False, metadata={"help": "Disable CUDA-graph capture of decode batches."}
@@ -141,6 +146,10 @@ class DeviceConfig:
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if self.cpu_cores is not None:
+            from ember.launch.cpu_cores import parse_cpu_list
+
+            parse_cpu_list(self.cpu_cores)
 
 
 ROLES = ("both", "prefill", "decode")

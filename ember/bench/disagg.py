@@ -11,6 +11,7 @@ same run.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
@@ -49,6 +50,9 @@ class DisaggBenchConfig:
     min_remote_prefill_tokens: int | None = None  # the router's default when None
     max_model_len: int = 4096
     kv_transfer_backend: str = "shm"
+    # each worker on its own core (the "one core each"); the router and the load
+    # generator float over both
+    bind_cores: bool = True
     raw_probe_every_s: float = 5.0  # raw-rate samples during each setup's run
     seed: int = 0
 
@@ -56,7 +60,8 @@ class DisaggBenchConfig:
 def _plan(cfg: DisaggBenchConfig, setup: str, log_dir: Path) -> FleetPlan:
     counts = {"prefill": 1, "decode": 1} if setup == "disaggregated" else {"colocated": 2}
     return FleetPlan(cfg.model_dir, SERVED_NAME, port=0, log_dir=log_dir,
-                     kv_transfer_backend=cfg.kv_transfer_backend, worker_args=(
+                     kv_transfer_backend=cfg.kv_transfer_backend, bind_cores=cfg.bind_cores,
+                     worker_args=(
                          "--num-threads", "1", "--kv-cache-memory", str(cfg.kv_cache_bytes),
                          "--max-model-len", str(cfg.max_model_len),
                          "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)),
@@ -242,6 +247,9 @@ def add_disagg_parser(sub: Any) -> None:
                     help="Router: shorter uncached prompts prefill on their decode worker "
                          "(default: the router's).")
     db.add_argument("--kv-transfer-backend", default="shm", choices=("shm", "mooncake"))
+    db.add_argument("--bind-cores", action=argparse.BooleanOptionalAction, default=True,
+                    help="Bind each worker to its own core (the router and load generator "
+                         "are not bound).")
     db.add_argument("--out", type=Path, default=Path("benchmarks/disagg"))
     db.set_defaults(func=_cmd_disagg)
 
@@ -258,7 +266,7 @@ def _cmd_disagg(args: Any) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_max_num_batched_tokens=args.prefill_max_num_batched_tokens,
         min_remote_prefill_tokens=args.min_remote_prefill_tokens,
-        kv_transfer_backend=args.kv_transfer_backend)
+        kv_transfer_backend=args.kv_transfer_backend, bind_cores=args.bind_cores)
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_disagg_bench(cfg, args.out / "logs")
     (args.out / "disagg.json").write_text(json.dumps(report, indent=2))

@@ -26,6 +26,7 @@ from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
 from ember.kv.events import KVEventRecorder
 from ember.kv.tiers import KVTiers
+from ember.launch.cpu_cores import available_cores, bind_to_cores, parse_cpu_list
 from ember.model.loader import ModelInfo, load_model
 from ember.structured.manager import StructuredOutputManager
 
@@ -142,6 +143,13 @@ def tune_cpu_allocator() -> None:
 ONEDNN_PRIMITIVE_CACHE_CAPACITY = 65536
 
 
+def _bind_cpu_cores(config: EngineConfig) -> tuple[int, ...]:
+    """Bind to the configured cores, if any; returns the cores this process runs on."""
+    if config.device.cpu_cores is not None:
+        bind_to_cores(parse_cpu_list(config.device.cpu_cores))
+    return available_cores()
+
+
 def keep_gemm_primitives() -> None:
     """Let oneDNN keep a compiled GEMM for every token count a CPU engine's steps meet.
 
@@ -186,7 +194,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if device.type == "cpu":
         tune_cpu_allocator()
         keep_gemm_primitives()
-        torch.set_num_threads(config.device.num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(config.device.num_threads or len(_bind_cpu_cores(config)))
     model, info = load_model(config.model.model, config.model.dtype, device,
                              keep_weights_compressed=config.model.keep_weights_compressed)
     if device.type == "cpu":

@@ -8,7 +8,6 @@ otherwise. The router is the one URL clients use.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.bench.serve.servers import ServerLaunch, ServerProcess, free_port
+from ember.launch.cpu_cores import available_cores, format_cpu_list, split_cores
 from ember.server.how_to_call import HOW_TO_CALL
 
 
@@ -33,6 +33,7 @@ class FleetPlan:
     worker_args: tuple[str, ...] = ()  # engine options passed to every worker
     prefill_args: tuple[str, ...] = ()  # ... then to prefill workers (later options win)
     router_args: tuple[str, ...] = ()  # router options
+    bind_cores: bool = False  # each worker on its own share of the cores
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ember-up-")))
 
     def validate(self) -> None:
@@ -43,6 +44,8 @@ class FleetPlan:
                              "worker")
         if self.num_workers < 1:
             raise ValueError("the fleet needs at least one worker")
+        if self.bind_cores:
+            split_cores(self.num_workers)
 
     @property
     def num_workers(self) -> int:
@@ -54,7 +57,7 @@ class FleetPlan:
 
 
 def _threads_each(plan: FleetPlan) -> int:
-    return max(1, (os.cpu_count() or 1) // plan.num_workers)
+    return max(1, len(available_cores()) // plan.num_workers)
 
 
 def worker_launch(plan: FleetPlan, index: int, role: str) -> ServerLaunch:
@@ -67,6 +70,8 @@ def worker_launch(plan: FleetPlan, index: int, role: str) -> ServerLaunch:
         argv += ["--num-threads", str(_threads_each(plan))]
     if role != "both":
         argv += ["--kv-transfer-backend", plan.kv_transfer_backend]
+    if plan.bind_cores:
+        argv += ["--cpu-cores", format_cpu_list(split_cores(plan.num_workers)[index])]
     return ServerLaunch(f"{role}{index}", tuple(argv), {"TOKENIZERS_PARALLELISM": "false"},
                         start_timeout_s=600)
 

@@ -3,9 +3,13 @@ together; a long prompt is prefilled remotely and streamed back; everything stop
 
 from __future__ import annotations
 
+import os
+
 import httpx
+import psutil
 import pytest
 
+from ember.launch.cpu_cores import available_cores, split_cores
 from ember.launch.up import Fleet, FleetPlan, router_launch, worker_launch
 from tests.factories import tiny_model_dir
 
@@ -55,3 +59,33 @@ def test_prefill_and_router_options_reach_only_their_processes(tmp_path):
     router = router_launch(plan, ["http://127.0.0.1:1"]).argv
     assert router[router.index("--min-remote-prefill-tokens") + 1] == "0"
     assert "--min-remote-prefill-tokens" not in prefill
+
+
+def test_bound_workers_each_run_on_their_own_cores(tmp_path):
+    plan = FleetPlan(str(tiny_model_dir(tmp_path)), "tiny", colocated=2, port=0,
+                     worker_args=FLAGS[:4], bind_cores=True, log_dir=tmp_path / "logs")
+    fleet = Fleet(plan)
+    url = fleet.start()
+    try:
+        resp = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": "hello", "max_tokens": 4})
+        assert resp.status_code == 200
+        shares = []
+        for worker in fleet.workers:
+            procs = [psutil.Process(pid) for pid in worker.alive_pids()]
+            masks = {tuple(sorted(p.cpu_affinity())) for p in procs}
+            # the server and its engine core, every thread included, share the one mask
+            threads = {tuple(sorted(os.sched_getaffinity(t.id))) for p in procs
+                       for t in p.threads()}
+            assert len(masks) == 1 and threads == masks
+            shares.append(masks.pop())
+        assert shares == split_cores(2)
+        assert set(shares[0]).isdisjoint(shares[1])
+    finally:
+        fleet.stop()
+
+
+def test_more_bound_workers_than_cores_are_refused():
+    too_many = len(available_cores()) + 1
+    with pytest.raises(ValueError, match=f"cannot give {too_many} workers a core each"):
+        FleetPlan("model", "name", colocated=too_many, bind_cores=True).validate()

@@ -72,12 +72,18 @@ def _plan(cfg: DisaggBenchConfig, setup: str, log_dir: Path) -> FleetPlan:
                      **counts)
 
 
-async def _steady(http: Any, url: str, prompt: str, cfg: DisaggBenchConfig, t0: float,
-                  deadline: float, out: list[RequestResult]) -> None:
+async def _steady(http: Any, url: str, prompt: str, phase: float, cfg: DisaggBenchConfig,
+                  t0: float, deadline: float, out: list[RequestResult]) -> None:
+    """One closed-loop stream. Its first answer is cut to `phase` (0 < phase <= 1) of the full
+    length, so that streams are spread over their cycle from the start: streams started in
+    step would all grow their contexts together, and the decode step with them, a sawtooth
+    that steady traffic does not have."""
+    max_tokens = max(1, round(cfg.stream_max_tokens * phase))
     while time.perf_counter() < deadline:
-        payload = build_payload("completions", SERVED_NAME, cfg.stream_max_tokens,
-                                ignore_eos=True, prompt=prompt)
+        payload = build_payload("completions", SERVED_NAME, max_tokens, ignore_eos=True,
+                                prompt=prompt)
         out.append(await send_request(http, url, payload, {}, RequestResult(len(out)), t0))
+        max_tokens = cfg.stream_max_tokens
 
 
 async def _bursts(http: Any, url: str, builder: TextBuilder, cfg: DisaggBenchConfig,
@@ -111,7 +117,8 @@ async def _drive(cfg: DisaggBenchConfig, url: str, builder: TextBuilder) -> dict
         deadline = t0 + cfg.duration_s
         prompts = [builder.text(rng, cfg.stream_prompt_tokens) for _ in range(cfg.num_streams)]
         await asyncio.gather(
-            *(_steady(http, endpoint, p, cfg, t0, deadline, streams) for p in prompts),
+            *(_steady(http, endpoint, p, (i + 1) / len(prompts), cfg, t0, deadline, streams)
+              for i, p in enumerate(prompts)),
             _bursts(http, endpoint, builder, cfg, rng, t0, deadline, longs))
         elapsed = time.perf_counter() - t0
     return _summary(streams, longs, elapsed)

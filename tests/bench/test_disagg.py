@@ -37,3 +37,25 @@ def test_markdown_reports_transfer_pieces_and_setup_apart() -> None:
     assert "4.00 GB/s (raw, sampled during the run: 8.00 GB/s; on the quiet machine: 9.00)" in text
     assert "64 pieces of 122.1 KiB" in text
     assert "peer set-up 0.030 s" in text and "transfer_of_raw 0.50" in text
+
+
+def test_streams_start_spread_over_their_cycle_then_ask_for_full_answers(monkeypatch) -> None:
+    import asyncio
+    import time
+
+    import ember.bench.disagg as disagg
+
+    asked: list[int] = []
+
+    async def fake_send(http, url, payload, headers, result, t0):
+        asked.append(payload["max_tokens"])
+        if len(asked) == 3:
+            monkeypatch.setattr(time, "perf_counter", lambda: float("inf"))  # past the deadline
+        return result
+
+    monkeypatch.setattr(disagg, "send_request", fake_send)
+    cfg = disagg.DisaggBenchConfig(model_dir="unused", stream_max_tokens=256)
+    out: list[RequestResult] = []
+    asyncio.run(disagg._steady(None, "url", "prompt", 1 / 6, cfg, 0.0, time.perf_counter() + 60,
+                               out))
+    assert asked == [43, 256, 256] and len(out) == 3

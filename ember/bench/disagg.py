@@ -153,12 +153,17 @@ def _transfer_stats(fleet: Fleet) -> dict[str, float] | None:
         sent = values.get("ember:kv_transfer_bytes_total", 0.0)
         if sent > 0:
             seconds = values.get("ember:kv_transfer_seconds_total", 0.0)
+            cpu_seconds = values.get("ember:kv_transfer_cpu_seconds_total", 0.0)
             segments = values.get("ember:kv_transfer_segments_total", 0.0)
             return {"bytes": sent, "seconds": seconds, "segments": segments,
                     "mean_segment_kib": sent / segments / 1024 if segments else None,
                     "connect_seconds": values.get("ember:kv_transfer_connect_seconds_total"),
                     "wait_seconds": values.get("ember:kv_transfer_wait_seconds_total"),
-                    "gb_s": sent / seconds / 1e9 if seconds else None}
+                    "gb_s": sent / seconds / 1e9 if seconds else None,
+                    # the same bytes over the writer's CPU time: what the copies achieve when
+                    # not preempted (for shm, where the writer's thread does the copying)
+                    "cpu_seconds": cpu_seconds,
+                    "gb_s_on_cpu": sent / cpu_seconds / 1e9 if cpu_seconds else None}
     return None
 
 
@@ -227,7 +232,9 @@ def disagg_markdown(report: dict[str, Any]) -> str:
                   f"(raw, sampled during the run: {run.get('raw_transfer_gb_s') or 0:.2f} GB/s; "
                   f"on the quiet machine: {report.get('quiet_raw_transfer_gb_s') or 0:.2f}), "
                   f"{transfer['segments']:.0f} pieces of {transfer['mean_segment_kib'] or 0:.1f}"
-                  f" KiB on average; peer set-up {transfer['connect_seconds'] or 0:.3f} s"]
+                  f" KiB on average; peer set-up {transfer['connect_seconds'] or 0:.3f} s; "
+                  f"over the writer's CPU time only: {transfer.get('gb_s_on_cpu') or 0:.2f} "
+                  "GB/s"]
     ratios = report.get("ratios") or {}
     if ratios:
         lines.append("")

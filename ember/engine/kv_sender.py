@@ -61,6 +61,7 @@ class KVSender:
         self.num_bytes_sent = 0
         self.num_segments_sent = 0
         self.seconds_sending = 0.0  # the copies themselves, on whichever thread ran them
+        self.cpu_seconds_sending = 0.0  # ... of it, on CPU (the rest: the writer preempted)
         self.seconds_waiting = 0.0  # the engine loop blocked on writes after the forward
         self.seconds_connecting = 0.0  # each decode peer's one-time set-up
         self._connected: set[str] = set()  # peers by the transport's name for them
@@ -70,6 +71,7 @@ class KVSender:
         """The sender's counters under EngineCoreStats' field names."""
         return {"kv_transfer_bytes": self.num_bytes_sent,
                 "kv_transfer_seconds": self.seconds_sending,
+                "kv_transfer_cpu_seconds": self.cpu_seconds_sending,
                 "kv_transfer_wait_seconds": self.seconds_waiting,
                 "kv_transfer_segments": self.num_segments_sent,
                 "kv_transfer_connect_seconds": self.seconds_connecting}
@@ -144,6 +146,7 @@ class StepSends:
         self.failures = failures
         self._layers_queued = 0
         self._busy_before = sender.transport.busy_seconds
+        self._cpu_before = sender.transport.busy_cpu_seconds
         for send in sends:
             self._guard(send, sender.connect, send.peer)
 
@@ -179,6 +182,7 @@ class StepSends:
                 self._guard(send, self._write, send, rest)
         sender.seconds_waiting += time.perf_counter() - start
         sender.seconds_sending += sender.transport.busy_seconds - self._busy_before
+        sender.cpu_seconds_sending += sender.transport.busy_cpu_seconds - self._cpu_before
         for send in self.sends:
             if send.error is None:
                 sender.num_blocks_sent += len(send.dst)

@@ -153,6 +153,7 @@ class EngineCoreStats:
     num_pending_decode_tokens: int = 0  # tokens still to generate, at most
     kv_transfer_bytes: int = 0  # prefill role: KV written to decode workers since start-up
     kv_transfer_seconds: float = 0.0  # ... and the time those writes took
+    kv_transfer_cpu_seconds: float = 0.0  # ... of it, the writing threads' CPU time
     kv_transfer_wait_seconds: float = 0.0  # ... of it, the engine loop waited after forwards
     kv_transfer_segments: int = 0  # ... in this many contiguous pieces
     kv_transfer_connect_seconds: float = 0.0  # one-time set-up per decode peer

@@ -54,6 +54,10 @@ class _EngineStatsCollector(Collector):
              s.kv_transfer_bytes),
             ("ember:kv_transfer_seconds", "Seconds spent writing KV to decode workers.",
              s.kv_transfer_seconds),
+            ("ember:kv_transfer_cpu_seconds",
+             "CPU seconds of the threads that ran those writes (for shm, the copies "
+             "themselves); below kv_transfer_seconds by the time the writer was preempted.",
+             s.kv_transfer_cpu_seconds),
             ("ember:kv_transfer_wait_seconds",
              "Seconds the engine loop waited for KV writes after its forwards (the part of "
              "the writes that did not overlap compute).", s.kv_transfer_wait_seconds),

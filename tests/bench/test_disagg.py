@@ -26,7 +26,7 @@ def test_summary_counts_only_successful_tokens_and_stream_gaps() -> None:
 def test_markdown_reports_transfer_pieces_and_setup_apart() -> None:
     run = _summary([_result(0, [0.01] * 4, 5)], [_result(1, [], 1)], elapsed=1.0)
     transfer = {"bytes": 8e6, "seconds": 0.002, "segments": 64.0, "mean_segment_kib": 122.1,
-                "connect_seconds": 0.03, "gb_s": 4.0}
+                "connect_seconds": 0.03, "gb_s": 4.0, "cpu_seconds": 0.001, "gb_s_on_cpu": 8.0}
     report = {"runs": [{"setup": "disaggregated", **run, "kv_transfer": transfer,
                         "raw_transfer_gb_s": 8.0},
                        {"setup": "colocated", **run, "kv_transfer": None}],
@@ -37,6 +37,7 @@ def test_markdown_reports_transfer_pieces_and_setup_apart() -> None:
     assert "4.00 GB/s (raw, sampled during the run: 8.00 GB/s; on the quiet machine: 9.00)" in text
     assert "64 pieces of 122.1 KiB" in text
     assert "peer set-up 0.030 s" in text and "transfer_of_raw 0.50" in text
+    assert "over the writer's CPU time only: 8.00 GB/s" in text
 
 
 def test_streams_start_spread_over_their_cycle_then_ask_for_full_answers(monkeypatch) -> None:

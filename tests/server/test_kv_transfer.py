@@ -68,6 +68,9 @@ def test_greedy_output_matches_colocated(trio, n):
     assert values["ember:kv_transfer_bytes_total"] > 0
     assert values["ember:kv_transfer_segments_total"] >= 1
     assert values["ember:kv_transfer_connect_seconds_total"] > 0  # the pool was mapped once
+    # the copies ran on a CPU for part of their wall time at most (preemption is the rest)
+    assert 0 < values["ember:kv_transfer_cpu_seconds_total"] \
+        <= values["ember:kv_transfer_seconds_total"] + 1e-3
 
 
 def test_completions_stream_from_the_decode_worker(trio):

@@ -43,7 +43,9 @@ class KVTransport(ABC):
       (a blocking write of an `inline_writes` backend runs on the caller's thread).
       `write_async(..., ready=fn)` calls `fn()` on the worker thread before copying (a CUDA
       event's synchronize, so a write never reads KV the GPU has not finished).
-    * `busy_seconds`: the time spent copying, on any thread (what GB/s figures divide by).
+    * `busy_seconds`: the time spent copying, on any thread (what GB/s figures divide by);
+      `busy_cpu_seconds`: the CPU time of the threads that ran those writes (for shm, the
+      copies themselves). Less than `busy_seconds` by the time the writer was preempted.
     * NOTE: after a timeout the copy may still land until the backend gives up on its own
       (Mooncake 0.3.13: each synchronous batch waits at most ~5 s); a destination must not
       reuse the blocks of a failed write before then.
@@ -68,6 +70,7 @@ class KVTransport(ABC):
         self._queue_lock = threading.Lock()
         self._num_queued = 0  # async writes submitted and not finished
         self.busy_seconds = 0.0
+        self.busy_cpu_seconds = 0.0
 
     def register(self, pool: torch.Tensor) -> None:
         """Make `pool` (this process's whole KV pool) the source and target of transfers."""
@@ -142,11 +145,12 @@ class KVTransport(ABC):
                 self._num_queued -= 1
 
     def _timed_write(self, peer: dict[str, Any], segments: Segments) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
             self._write(peer, segments)
         finally:
             self.busy_seconds += time.perf_counter() - start
+            self.busy_cpu_seconds += time.thread_time() - cpu_start
 
     def close(self) -> None:
         if self._closed:

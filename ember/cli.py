@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {"preload_grammar": True, **engine_options(args)}
     config = EngineConfig.from_options(model, **options)
     if config.device.cpu_cores is not None:  # before any thread or the engine core starts
-        from ember.launch.cpu_cores import bind_to_cores, parse_cpu_list
+        from ember.cpu_cores import bind_to_cores, parse_cpu_list
 
         bind_to_cores(parse_cpu_list(config.device.cpu_cores))
     server = server_config(args)

@@ -147,7 +147,7 @@ class DeviceConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.cpu_cores is not None:
-            from ember.launch.cpu_cores import parse_cpu_list
+            from ember.cpu_cores import parse_cpu_list
 
             parse_cpu_list(self.cpu_cores)
 

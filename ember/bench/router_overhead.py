@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.bench.serve.servers import ServerLaunch, running_server
+from ember.cpu_cores import available_cores, format_cpu_list, parse_cpu_list
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _cpu_split(router_cpus: tuple[int, ...]) -> tuple[set[int] | None, set[int] 
     """(the router's CPUs, everyone else's); (None, None) when none are reserved."""
     if not router_cpus:
         return None, None
-    allowed = os.sched_getaffinity(0)
+    allowed = set(available_cores())
     mine, rest = set(router_cpus), allowed - set(router_cpus)
     if not mine <= allowed or not rest:
         raise ValueError(f"router_cpus {sorted(mine)} must be a proper subset of the CPUs this "
@@ -118,7 +119,7 @@ def _cpu_split(router_cpus: tuple[int, ...]) -> tuple[set[int] | None, set[int] 
 
 
 def _on_cpus(argv: tuple[str, ...], cpus: set[int] | None) -> tuple[str, ...]:
-    return argv if cpus is None else ("taskset", "-c", ",".join(map(str, sorted(cpus))), *argv)
+    return argv if cpus is None else ("taskset", "-c", format_cpu_list(tuple(sorted(cpus))), *argv)
 
 
 @contextlib.contextmanager
@@ -185,7 +186,7 @@ def add_router_overhead_parser(sub: Any) -> None:
     ro.add_argument("--num-tokens", type=int, default=100, help="Tokens per stream.")
     ro.add_argument("--interval-ms", type=float, default=20.0, help="Between a stream's tokens.")
     ro.add_argument("--router-cpus", default="",
-                    help="Comma-separated CPUs for the router alone (the worker and the client "
+                    help="CPUs for the router alone, e.g. 1 or 2-3 (the worker and the client "
                     "get the rest); default: all three share every CPU.")
     ro.add_argument("--out", type=Path, default=Path("benchmarks/router-overhead"),
                     help="Directory for the JSON report.")
@@ -193,7 +194,7 @@ def add_router_overhead_parser(sub: Any) -> None:
 
 
 def _cmd_router_overhead(args: Any) -> int:
-    router_cpus = tuple(int(x) for x in args.router_cpus.split(",") if x)
+    router_cpus = parse_cpu_list(args.router_cpus) if args.router_cpus else ()
     cfg = RouterOverheadConfig(tuple(int(x) for x in args.concurrency.split(",")),
                                args.num_rounds, args.num_tokens, args.interval_ms, router_cpus)
     report = run_router_overhead(cfg)

@@ -9,7 +9,6 @@ split over threads by groups of lanes (ctypes releases the GIL).
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -17,6 +16,7 @@ from functools import cache
 import numpy as np
 
 from ember.compress.native import load_rans
+from ember.cpu_cores import available_cores
 
 PROB_BITS = 12
 PROB_SCALE = 1 << PROB_BITS
@@ -193,7 +193,7 @@ def decode_bf16(enc: EncodedBF16, out: np.ndarray | None = None,
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return len(available_cores())
 
 
 @cache

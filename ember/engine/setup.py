@@ -18,6 +18,7 @@ import torch
 from ember.attention.backend import AttentionBackend, allocate_kv_pool, kv_bytes_per_block
 from ember.attention.kv_dtype import resolve_kv_cache_dtype
 from ember.config import EngineConfig
+from ember.cpu_cores import available_cores, bind_to_cores, parse_cpu_list
 from ember.engine.block_hash import root_hash
 from ember.engine.constraint import SamplingConstraint
 from ember.engine.cuda_graphs import DecodeGraphs
@@ -26,7 +27,6 @@ from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
 from ember.kv.events import KVEventRecorder
 from ember.kv.tiers import KVTiers
-from ember.launch.cpu_cores import available_cores, bind_to_cores, parse_cpu_list
 from ember.model.loader import ModelInfo, load_model
 from ember.structured.manager import StructuredOutputManager
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ember.bench.serve.servers import ServerLaunch, ServerProcess, free_port
-from ember.launch.cpu_cores import available_cores, format_cpu_list, split_cores
+from ember.cpu_cores import available_cores, format_cpu_list, split_cores
 from ember.server.how_to_call import HOW_TO_CALL
 
 

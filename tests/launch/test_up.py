@@ -9,7 +9,7 @@ import httpx
 import psutil
 import pytest
 
-from ember.launch.cpu_cores import available_cores, split_cores
+from ember.cpu_cores import available_cores, split_cores
 from ember.launch.up import Fleet, FleetPlan, router_launch, worker_launch
 from tests.factories import tiny_model_dir
 

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from ember.launch.cpu_cores import (
+from ember.cpu_cores import (
     available_cores,
     bind_to_cores,
     format_cpu_list,
@@ -51,7 +51,7 @@ def test_binding_covers_threads_already_running_and_threads_started_later():
     # in a child process: binding the test process itself would narrow every later test
     script = textwrap.dedent("""
         import os, threading
-        from ember.launch.cpu_cores import bind_to_cores
+        from ember.cpu_cores import bind_to_cores
         started, stop = threading.Event(), threading.Event()
         ids = {}
         def before():

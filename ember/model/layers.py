@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember import envs
-from ember.model import cpu_ops
+from ember.model import cpu_ops, widened_gemm
 from ember.model.registry import RopeConfig
 
 
@@ -52,11 +52,24 @@ def empty_parameter(shape: tuple[int, ...], dtype: torch.dtype,
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+@functools.cache
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN can pack and run bf16 GEMMs here (it needs AVX-512 or AVX-NE-CONVERT;
+    an AVX2-only CPU runs bf16 through F.linear instead)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the probe: assume not
+        return False
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b), with W [out, in]; `weight` may be shared (tied lm_head).
 
     On the CPU, `prepack_cpu()` swaps in a oneDNN-packed copy of a bf16 weight: bit-identical
-    results, 1.2-2.5x faster GEMMs (F.linear repacks the weight on every call).
+    results, 1.2-2.5x faster GEMMs (F.linear repacks the weight on every call). Where oneDNN
+    has no bf16 kernels it marks the weight to be widened to fp32 per call (widened_gemm.py).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -68,20 +81,27 @@ class Linear(nn.Module):
         self.bias = empty_parameter((out_features,), dtype, device) if bias else None
         self.packed_weight: torch.Tensor | None = None
         self.resident_weight = False  # refilled per layer (compress/resident.py): never pack
+        self.widen_bf16 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                       [], "")
+        if self.widen_bf16 and x.dim() == 2 and x.shape[0] >= widened_gemm.MIN_ROWS:
+            return widened_gemm.widened_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def prepack_cpu(self) -> bool:
         """Pack a bf16 CPU weight for oneDNN and drop this module's plain copy (a tied
-        embedding keeps its own)."""
+        embedding keeps its own); without oneDNN bf16, have it widened per call instead.
+        Returns whether the weight was packed."""
         weight = self.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or self.resident_weight:
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
             return False
-        if not torch.backends.mkldnn.is_available():
+        if not onednn_bf16_supported():
+            self.widen_bf16 = True
+            return False
+        if self.resident_weight:
             return False
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
         self.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)

@@ -59,30 +59,57 @@ def test_gated_mlp_with_bias():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
-def test_prepacked_bf16_linears_give_bit_identical_logits(tmp_path):
-    """oneDNN-packed weights (the CPU engine's default) change speed, never numbers."""
+def _bf16_logits(model, info):
+    """Logits of two sequences (13 and 7 new tokens) through the torch attention backend."""
     from ember.attention.backend import BatchLayout, allocate_kv_cache
     from ember.attention.context import ForwardContext, forward_context
     from ember.attention.torch_backend import TorchBackend
+
+    backend = TorchBackend()
+    caches = allocate_kv_cache(info.num_layers, 8, 4, info.num_kv_heads, info.head_dim,
+                               info.dtype, torch.device("cpu"), backend)
+    layout = BatchLayout([13, 7], [13, 7], [[0, 1, 2, 3], [4, 5]],
+                         torch.tensor([*range(13), *range(16, 23)]), 4)
+    meta = backend.build_metadata(layout, torch.device("cpu"))
+    ids = torch.arange(5, 25)
+    pos = torch.tensor([*range(13), *range(7)])
+    with torch.inference_mode(), forward_context(ForwardContext(backend, meta, caches)):
+        return model.compute_logits(model(ids, pos))
+
+
+@pytest.fixture
+def bf16_model_dir(tmp_path):
     from ember.model.demo import build_random_model
+
+    return build_random_model(tmp_path / "m", "Qwen2ForCausalLM", dtype="bfloat16",
+                              tie_word_embeddings=True)
+
+
+def test_prepack_cpu_packs_or_widens_bf16_linears(bf16_model_dir):
+    """With oneDNN bf16 kernels the packed weights change speed, never numbers; without them
+    (an AVX2-only CPU) every bf16 linear is widened per call instead."""
+    from ember.model.layers import Linear, onednn_bf16_supported
     from ember.model.loader import load_model
 
-    model_dir = build_random_model(tmp_path / "m", "Qwen2ForCausalLM", dtype="bfloat16",
-                                   tie_word_embeddings=True)
-    backend = TorchBackend()
+    plain = _bf16_logits(*load_model(bf16_model_dir))
+    model, info = load_model(bf16_model_dir)
+    packed = model.prepack_cpu()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if onednn_bf16_supported():
+        assert packed == len(linears)
+        assert torch.equal(_bf16_logits(model, info), plain)
+    else:
+        assert packed == 0 and all(m.widen_bf16 for m in linears)
+        torch.testing.assert_close(_bf16_logits(model, info), plain, rtol=0.02, atol=0.02)
 
-    def logits(model, info):
-        caches = allocate_kv_cache(info.num_layers, 4, 4, info.num_kv_heads, info.head_dim,
-                                   info.dtype, torch.device("cpu"), backend)
-        layout = BatchLayout([5, 3], [5, 3], [[0, 1], [2]], torch.tensor([0, 1, 2, 3, 4, 8, 9,
-                                                                          10]), 4)
-        meta = backend.build_metadata(layout, torch.device("cpu"))
-        ids = torch.tensor([5, 9, 17, 3, 8, 40, 41, 42])
-        pos = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
-        with torch.inference_mode(), forward_context(ForwardContext(backend, meta, caches)):
-            return model.compute_logits(model(ids, pos))
 
-    plain = logits(*load_model(model_dir))
-    model, info = load_model(model_dir)
-    assert model.prepack_cpu() > 0
-    assert torch.equal(logits(model, info), plain)
+def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
+    """The AVX2 path, forced on any CPU: the same logits as bf16 F.linear up to rounding."""
+    from ember.model import layers
+    from ember.model.loader import load_model
+
+    monkeypatch.setattr(layers, "onednn_bf16_supported", lambda: False)
+    plain = _bf16_logits(*load_model(bf16_model_dir))
+    model, info = load_model(bf16_model_dir)
+    assert model.prepack_cpu() == 0
+    torch.testing.assert_close(_bf16_logits(model, info), plain, rtol=0.02, atol=0.02)

@@ -54,12 +54,20 @@ def empty_parameter(shape: tuple[int, ...], dtype: torch.dtype,
 
 @functools.cache
 def onednn_bf16_supported() -> bool:
-    """Whether oneDNN can pack and run bf16 GEMMs here (it needs AVX-512 or AVX-NE-CONVERT;
-    an AVX2-only CPU runs bf16 through F.linear instead)."""
+    """Whether oneDNN can pack and run bf16 GEMMs here (it needs AVX-512 or AVX-NE-CONVERT)."""
+    return _onednn_probe("_is_mkldnn_bf16_supported")
+
+
+@functools.cache
+def onednn_fp16_supported() -> bool:
+    return _onednn_probe("_is_mkldnn_fp16_supported")
+
+
+def _onednn_probe(name: str) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(getattr(torch.ops.mkldnn, name)())
     except (AttributeError, RuntimeError):  # a torch without the probe: assume not
         return False
 
@@ -69,7 +77,7 @@ class Linear(nn.Module):
 
     On the CPU, `prepack_cpu()` swaps in a oneDNN-packed copy of a bf16 weight: bit-identical
     results, 1.2-2.5x faster GEMMs (F.linear repacks the weight on every call). Where oneDNN
-    has no bf16 kernels it marks the weight to be widened to fp32 per call (widened_gemm.py).
+    has no bf16 (or fp16) kernels, such GEMMs go through widened_gemm.py instead.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -81,25 +89,29 @@ class Linear(nn.Module):
         self.bias = empty_parameter((out_features,), dtype, device) if bias else None
         self.packed_weight: torch.Tensor | None = None
         self.resident_weight = False  # refilled per layer (compress/resident.py): never pack
-        self.widen_bf16 = False
+        self.widen_half = False  # a 16-bit weight computed through widened_gemm.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                       [], "")
-        if self.widen_bf16 and x.dim() == 2 and x.shape[0] >= widened_gemm.MIN_ROWS:
-            return widened_gemm.widened_linear(x, self.weight, self.bias)
+        if self.widen_half:
+            return widened_gemm.half_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def prepack_cpu(self) -> bool:
         """Pack a bf16 CPU weight for oneDNN and drop this module's plain copy (a tied
-        embedding keeps its own); without oneDNN bf16, have it widened per call instead.
-        Returns whether the weight was packed."""
+        embedding keeps its own); a bf16 or fp16 weight that oneDNN cannot run is routed
+        through widened_gemm.py instead. Returns whether the weight was packed."""
         weight = self.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        if weight.device.type != "cpu":
+            return False
+        if weight.dtype == torch.float16 and not onednn_fp16_supported():
+            self.widen_half = True
+        if weight.dtype != torch.bfloat16:
             return False
         if not onednn_bf16_supported():
-            self.widen_bf16 = True
+            self.widen_half = True
             return False
         if self.resident_weight:
             return False

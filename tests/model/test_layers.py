@@ -99,7 +99,7 @@ def test_prepack_cpu_packs_or_widens_bf16_linears(bf16_model_dir):
         assert packed == len(linears)
         assert torch.equal(_bf16_logits(model, info), plain)
     else:
-        assert packed == 0 and all(m.widen_bf16 for m in linears)
+        assert packed == 0 and all(m.widen_half for m in linears)
         torch.testing.assert_close(_bf16_logits(model, info), plain, rtol=0.02, atol=0.02)
 
 
@@ -113,3 +113,18 @@ def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
     model, info = load_model(bf16_model_dir)
     assert model.prepack_cpu() == 0
     torch.testing.assert_close(_bf16_logits(model, info), plain, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("rows", [3, 20])
+def test_fp16_linear_without_onednn_fp16_is_widened(monkeypatch, rows):
+    from ember.model import layers
+
+    monkeypatch.setattr(layers, "onednn_fp16_supported", lambda: False)
+    linear = layers.Linear(48, 24, True, torch.float16, "cpu")
+    with torch.no_grad():
+        linear.weight.normal_()
+        linear.bias.normal_()
+    assert linear.prepack_cpu() is False and linear.widen_half
+    x = torch.randn(rows, 48).half()
+    ref = x.double() @ linear.weight.double().t() + linear.bias.double()
+    torch.testing.assert_close(linear(x).double(), ref, rtol=2 ** -10, atol=1e-4)

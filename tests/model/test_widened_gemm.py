@@ -1,4 +1,5 @@
-"""bf16 GEMMs widened to fp32 a slice at a time (ember/model/widened_gemm.py)."""
+"""16-bit GEMMs without oneDNN (ember/model/widened_gemm.py): the C loop for few rows and widened
+slices for more, each against the exact product of the 16-bit values."""
 
 from __future__ import annotations
 
@@ -8,16 +9,47 @@ import torch
 from ember.model import widened_gemm
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [12, 40])
-def test_widened_linear_is_the_fp32_gemm_of_the_bf16_values(monkeypatch, bias, rows):
-    monkeypatch.setattr(widened_gemm, "SLICE_BYTES", 16 * 4 * 48)  # 16-row slices: 5 of them
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 48, generator=gen).bfloat16()
-    weight = torch.randn(70, 48, generator=gen).bfloat16()
-    b = torch.randn(70, generator=gen).bfloat16() if bias else None
-    out = widened_gemm.widened_linear(x, weight, b)
+def _operands(rows: int, in_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    weight = torch.randn(70, in_features, generator=gen).to(dtype)
+    b = torch.randn(70, generator=gen).to(dtype) if bias else None
     ref = x.double() @ weight.double().t() + (b.double() if bias else 0)
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, 70)
-    # one rounding of the fp32 sum to bf16: within bf16's half-ulp of the exact value (+ fp32)
-    torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-5)
+    return x, weight, b, ref
+
+
+def _assert_rounded_once(out: torch.Tensor, ref: torch.Tensor,
+                         dtype: torch.dtype = torch.bfloat16) -> None:
+    """Within the dtype's half-ulp of the exact value (plus the fp32 sum's own error)."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    half_ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+    torch.testing.assert_close(out.double(), ref, rtol=half_ulp, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [16, 40])
+def test_widened_slices(monkeypatch, bias, rows, dtype):
+    monkeypatch.setattr(widened_gemm, "SLICE_BYTES", 16 * 4 * 48)  # 16-row slices: 5 of them
+    x, weight, b, ref = _operands(rows, 48, bias, dtype)
+    _assert_rounded_once(widened_gemm.widened_linear(x, weight, b), ref, dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 15])
+@pytest.mark.parametrize("in_features", [8, 48, 1000])  # one vector, unrolled, and a tail
+def test_gemv_loop(bias, rows, in_features):
+    assert widened_gemm._gemv_library() is not None  # the test machine has a C compiler
+    x, weight, b, ref = _operands(rows, in_features, bias)
+    _assert_rounded_once(widened_gemm.gemv_linear(x, weight, b), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 15, 16, 33])
+def test_half_linear_takes_any_leading_shape(rows, dtype):
+    x, weight, b, ref = _operands(rows, 36, True, dtype)  # 36: not a multiple of 8: F.linear
+    out = widened_gemm.half_linear(x.view(1, rows, 36), weight, b)
+    _assert_rounded_once(out[0], ref, dtype)
+    x, weight, b, ref = _operands(rows, 48, False, dtype)
+    out = widened_gemm.half_linear(x.view(rows, 1, 48), weight, b)
+    _assert_rounded_once(out[:, 0], ref, dtype)

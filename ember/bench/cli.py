@@ -55,7 +55,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         num_warmup=args.num_warmup, kv_cache_gib=args.kv_cache_gib,
         max_model_len=args.max_model_len, cache_dir=cache_dir() / "bench-cache",
         model_dir=args.model, quiet_wait_s=args.quiet_wait_s, repeats=args.repeats,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, dtype=args.dtype,
     )
     report = run_throughput(cfg)
     print(to_markdown(report))
@@ -108,6 +108,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     tp.add_argument("--max-model-len", type=int, default=1024, help="Context length.")
     tp.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                     help="KV cache dtype of ember and vLLM (both take the same names).")
+    tp.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="dtype every engine runs the (bf16) bench model in.")
     tp.add_argument("--repeats", type=int, default=1,
                     help="Timed runs per engine (fresh prompts, same lengths); the fastest "
                     "is reported, all are kept in the JSON.")

@@ -65,16 +65,18 @@ def test_model_sizes_land_near_their_names() -> None:
     assert 220e6 < params("250m") < 280e6
 
 
-def test_throughput_smoke_ember_only(tmp_path) -> None:
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_throughput_smoke_ember_only(tmp_path, dtype) -> None:
     from ember.bench.cli import main
 
     model_dir = tiny_model_dir(tmp_path, dtype="bfloat16", name="tiny-bf16")
     out = tmp_path / "out"
     code = main(["bench", "throughput", "--model", str(model_dir), "--engines", "ember",
                  "--num-prompts", "4", "--num-warmup", "1", "--kv-cache-gib", "0.05",
-                 "--out", str(out)])
+                 "--dtype", dtype, "--out", str(out)])
     assert code == 0
     report = json.loads((out / "throughput.json").read_text())
+    assert report["config"]["dtype"] == dtype
     result = report["runs"][0]["engines"]["ember"]
     assert "error" not in result, result
     assert result["exact_lengths"]

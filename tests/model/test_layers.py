@@ -59,7 +59,7 @@ def test_gated_mlp_with_bias():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
-def _bf16_logits(model, info):
+def _logits(model, info):
     """Logits of two sequences (13 and 7 new tokens) through the torch attention backend."""
     from ember.attention.backend import BatchLayout, allocate_kv_cache
     from ember.attention.context import ForwardContext, forward_context
@@ -91,16 +91,16 @@ def test_prepack_cpu_packs_or_widens_bf16_linears(bf16_model_dir):
     from ember.model.layers import Linear, onednn_bf16_supported
     from ember.model.loader import load_model
 
-    plain = _bf16_logits(*load_model(bf16_model_dir))
+    plain = _logits(*load_model(bf16_model_dir))
     model, info = load_model(bf16_model_dir)
     packed = model.prepack_cpu()
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if onednn_bf16_supported():
         assert packed == len(linears)
-        assert torch.equal(_bf16_logits(model, info), plain)
+        assert torch.equal(_logits(model, info), plain)
     else:
         assert packed == 0 and all(m.widen_half for m in linears)
-        torch.testing.assert_close(_bf16_logits(model, info), plain, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
 
 
 def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
@@ -109,10 +109,10 @@ def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
     from ember.model.loader import load_model
 
     monkeypatch.setattr(layers, "onednn_bf16_supported", lambda: False)
-    plain = _bf16_logits(*load_model(bf16_model_dir))
+    plain = _logits(*load_model(bf16_model_dir))
     model, info = load_model(bf16_model_dir)
     assert model.prepack_cpu() == 0
-    torch.testing.assert_close(_bf16_logits(model, info), plain, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
 
 
 @pytest.mark.parametrize("rows", [3, 20])
@@ -128,3 +128,18 @@ def test_fp16_linear_without_onednn_fp16_is_widened(monkeypatch, rows):
     x = torch.randn(rows, 48).half()
     ref = x.double() @ linear.weight.double().t() + linear.bias.double()
     torch.testing.assert_close(linear(x).double(), ref, rtol=2 ** -10, atol=1e-4)
+
+
+def test_prepack_cpu_packs_fp32_linears(tmp_path):
+    """fp32 weights are packed for oneDNN too: the same logits up to the order of the sums."""
+    from ember.model.demo import build_random_model
+    from ember.model.layers import Linear
+    from ember.model.loader import load_model
+
+    model_dir = build_random_model(tmp_path / "m", "LlamaForCausalLM", dtype="float32")
+    plain = _logits(*load_model(model_dir))
+    model, info = load_model(model_dir)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert model.prepack_cpu() == len(linears)
+    assert all(m.packed_weight is not None for m in linears)
+    torch.testing.assert_close(_logits(model, info), plain, rtol=1e-4, atol=1e-4)

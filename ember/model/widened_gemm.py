@@ -42,12 +42,12 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) for bf16 or fp16 x [..., in] and weight [out, in] on the CPU
     (fp16 has no C loop: few rows go to F.linear)."""
-    rows = x.numel() // x.shape[-1]
+    rows, out_shape = x.numel() // x.shape[-1], (*x.shape[:-1], weight.shape[0])
     if rows >= MIN_ROWS:
-        return widened_linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
-    if (x.dtype == torch.bfloat16 and x.shape[-1] % _GEMV_LANES == 0
+        return widened_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(out_shape)
+    if (0 < rows and x.dtype == torch.bfloat16 and x.shape[-1] % _GEMV_LANES == 0
             and _gemv_library() is not None):
-        return gemv_linear(x.reshape(rows, -1), weight, bias).view(*x.shape[:-1], -1)
+        return gemv_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(out_shape)
     return F.linear(x, weight, bias)
 
 

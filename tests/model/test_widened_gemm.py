@@ -45,7 +45,7 @@ def test_gemv_loop(bias, rows, in_features):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 15, 16, 33])
+@pytest.mark.parametrize("rows", [0, 1, 15, 16, 33])
 def test_half_linear_takes_any_leading_shape(rows, dtype):
     x, weight, b, ref = _operands(rows, 36, True, dtype)  # 36: not a multiple of 8: F.linear
     out = widened_gemm.half_linear(x.view(1, rows, 36), weight, b)

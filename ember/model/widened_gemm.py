@@ -2,9 +2,10 @@
 
 There PyTorch's bf16 `F.linear` computes about one matrix-vector product per row, reading
 every weight once per row: 4-6x slower than fp32 from 8 rows up. Instead:
-- few rows: a C loop (csrc/bf16_gemv.c) reads each weight once and dots it with every row;
-- more rows: the weight is widened to fp32 a slice at a time, small enough to stay in cache,
-  and multiplied at fp32 GEMM speed.
+- up to GEMV_MAX_ROWS rows (bf16): a C loop (csrc/bf16_gemv.c) reads each weight from memory
+  once, widens it in registers and multiplies it into every row;
+- more rows, or fp16: the weight is widened to fp32 a slice at a time, small enough to stay
+  in cache, and multiplied at fp32 GEMM speed.
 Either way the weights stay bf16 in memory, and the products of the bf16 values are summed in
 fp32 and rounded to bf16 once, as a bf16 GEMM does.
 """
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 
 from ember.native import cpu_signature, load_c_library
 
-MIN_ROWS = 16  # from here on widening slices beats the C loop (measured on a 2-core EPYC)
+GEMV_MAX_ROWS = 80  # the C loop beats widened slices up to ~64-96 rows (2-core Zen 3)
+WIDEN_MIN_ROWS = 16  # without the C loop (fp16, no compiler): widening beats F.linear from here
 SLICE_BYTES = 2 << 20  # fp32 bytes of weight widened at a time
 _GEMV_LANES = 8  # the C loop needs in_features a multiple of this
 
@@ -43,11 +45,11 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor,
     """F.linear(x, weight, bias) for bf16 or fp16 x [..., in] and weight [out, in] on the CPU
     (fp16 has no C loop: few rows go to F.linear)."""
     rows, out_shape = x.numel() // x.shape[-1], (*x.shape[:-1], weight.shape[0])
-    if rows >= MIN_ROWS:
-        return widened_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(out_shape)
-    if (0 < rows and x.dtype == torch.bfloat16 and x.shape[-1] % _GEMV_LANES == 0
-            and _gemv_library() is not None):
+    if (0 < rows < GEMV_MAX_ROWS and x.dtype == torch.bfloat16
+            and x.shape[-1] % _GEMV_LANES == 0 and _gemv_library() is not None):
         return gemv_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(out_shape)
+    if rows >= WIDEN_MIN_ROWS:
+        return widened_linear(x.reshape(rows, x.shape[-1]), weight, bias).view(out_shape)
     return F.linear(x, weight, bias)
 
 

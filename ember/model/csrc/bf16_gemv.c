@@ -1,18 +1,29 @@
 /* y = x W^T (+ b) for a few rows of x, bf16 weights, on a CPU without oneDNN bf16 GEMMs.
  *
  * With few rows a GEMM is bound by reading the weights; PyTorch's bf16 fallback reads them
- * once per row, this reads them once. Each weight row is widened to fp32 once (into a
- * per-thread buffer in L1) and dotted with every row of x; products of the bf16 values are
- * summed in fp32 and rounded to bf16 once, as a bf16 GEMM does. Built at run time by
- * ember/model/bf16_gemv.py.
+ * once per row, this reads them from memory once. The output is computed in tiles of
+ * W_TILE weight rows by X_TILE rows of x: each step loads 8 bf16 weights of every tile row,
+ * widens them in registers and multiplies them into X_TILE * W_TILE independent fp32
+ * accumulators (enough to hide the FMA latency). The weight rows of a tile stay in L1/L2
+ * while every pair of x rows passes over them. Products of the bf16 values are summed in
+ * fp32 and rounded to bf16 once, as a bf16 GEMM does. Built at run time by
+ * ember/model/widened_gemm.py.
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include "bf16.h"
 
 #define LANES 8
+#ifndef W_TILE
+#define W_TILE 3
+#endif
+#ifndef X_TILE
+#define X_TILE 4
+#endif
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
@@ -23,54 +34,87 @@ static inline vfloat load_vec(const float *p) {
     return v;
 }
 
-/* n bf16 values (n a multiple of LANES) widened into dst. */
-static void widen(const uint16_t *src, int n, float *dst) {
-    for (int c = 0; c < n; c += LANES) {
-        vhalf h;
-        memcpy(&h, src + c, sizeof h);
-        const vuint bits = __builtin_convertvector(h, vuint) << 16;
-        memcpy(dst + c, &bits, sizeof bits);
-    }
+/* LANES bf16 values as fp32 (bf16 is the top half of an fp32). */
+static inline vfloat widen_vec(const uint16_t *p) {
+#ifdef __AVX2__  /* one vpmovzxwd: GCC's generic widening takes two halves and an insert */
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+    return (vfloat)_mm256_castsi256_ps(bits);
+#else
+    vhalf h;
+    memcpy(&h, p, sizeof h);
+    const vuint bits = __builtin_convertvector(h, vuint) << 16;
+    vfloat v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+#endif
 }
 
-static inline float dot(const float *x, const float *w, int k) {
-    vfloat acc0 = {0}, acc1 = {0};
-    int c = 0;
-    for (; c + 2 * LANES <= k; c += 2 * LANES) {
-        acc0 += load_vec(x + c) * load_vec(w + c);
-        acc1 += load_vec(x + c + LANES) * load_vec(w + c + LANES);
-    }
-    for (; c < k; c += LANES) acc0 += load_vec(x + c) * load_vec(w + c);
-    const vfloat acc = acc0 + acc1;
+static inline float hsum(vfloat v) {
     float s = 0.f;
-    for (int l = 0; l < LANES; ++l) s += acc[l];
+    for (int l = 0; l < LANES; ++l) s += v[l];
     return s;
 }
 
+/* sums[a][b] = x[a] . w[b] over k (a multiple of LANES), for XT rows of x and W_TILE weight
+ * rows. A short weight tile repeats a row pointer, so the loop keeps its fixed shape and the
+ * caller drops the repeated results. */
+#define DEFINE_DOT_TILE(XT)                                                                 \
+    static void dot_tile_##XT(const float *const x[], const uint16_t *const w[W_TILE],      \
+                              int k, float sums[][W_TILE]) {                                \
+        vfloat acc[XT][W_TILE] = {{{0}}};                                                   \
+        for (int c = 0; c < k; c += LANES) {                                                \
+            for (int b = 0; b < W_TILE; ++b) {                                              \
+                const vfloat wv = widen_vec(w[b] + c);                                      \
+                for (int a = 0; a < XT; ++a) acc[a][b] += load_vec(x[a] + c) * wv;          \
+            }                                                                               \
+        }                                                                                   \
+        for (int a = 0; a < XT; ++a)                                                        \
+            for (int b = 0; b < W_TILE; ++b) sums[a][b] = hsum(acc[a][b]);                  \
+    }
+DEFINE_DOT_TILE(1)
+DEFINE_DOT_TILE(2)
+#if X_TILE == 4
+DEFINE_DOT_TILE(4)
+#endif
+
+/* Output columns [j, j + nw) for every row, nw <= W_TILE: rows X_TILE at a time, then the
+ * remainder in twos and ones, while the tile's weight rows stay in cache. */
+static void weight_tile(const float *x, const uint16_t *w, const uint16_t *bias, uint16_t *out,
+                        int rows, int n, int k, int j, int nw) {
+    const uint16_t *wrow[W_TILE];
+    for (int b = 0; b < W_TILE; ++b) wrow[b] = w + (size_t)(j + (b < nw ? b : 0)) * k;
+    for (int r = 0; r < rows;) {
+        const int left = rows - r;
+        const int nx = left >= X_TILE ? X_TILE : left >= 2 ? 2 : 1;
+        const float *xrow[X_TILE];
+        for (int a = 0; a < nx; ++a) xrow[a] = x + (size_t)(r + a) * k;
+        float sums[X_TILE][W_TILE];
+#if X_TILE == 4
+        if (nx == 4) dot_tile_4(xrow, wrow, k, sums);
+        else
+#endif
+        if (nx == 2) dot_tile_2(xrow, wrow, k, sums);
+        else dot_tile_1(xrow, wrow, k, sums);
+        for (int a = 0; a < nx; ++a)
+            for (int b = 0; b < nw; ++b) {
+                const float bv = bias ? bf16_to_f32(bias[j + b]) : 0.f;
+                out[(size_t)(r + a) * n + j + b] = f32_to_bf16(sums[a][b] + bv);
+            }
+        r += nx;
+    }
+}
+
 /* x: [rows, k] fp32; w: [n, k] bf16; bias: [n] bf16 or NULL; out: [rows, n] bf16.
- * k must be a multiple of LANES. Returns -1 (writing nothing) if not, or out of memory. */
+ * k must be a multiple of LANES. Returns -1 (writing nothing) if not. */
 int bf16_gemv(const float *x, const uint16_t *w, const uint16_t *bias, uint16_t *out,
               int rows, int n, int k, int num_threads) {
     if (k % LANES != 0 || k <= 0) return -1;
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        float *wf = aligned_alloc(64, ((size_t)k * sizeof(float) + 63) / 64 * 64);
-        if (wf == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
-#pragma omp for schedule(static)
-            for (int j = 0; j < n; ++j) {
-                widen(w + (size_t)j * k, k, wf);
-                const float b = bias ? bf16_to_f32(bias[j]) : 0.f;
-                for (int r = 0; r < rows; ++r)
-                    out[(size_t)r * n + j] = f32_to_bf16(dot(x + (size_t)r * k, wf, k) + b);
-            }
-        }
-        free(wf);
+    const int tiles = (n + W_TILE - 1) / W_TILE;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int t = 0; t < tiles; ++t) {
+        const int j = t * W_TILE;
+        weight_tile(x, w, bias, out, rows, n, k, j, n - j < W_TILE ? n - j : W_TILE);
     }
-    return failed ? -1 : 0;
+    return 0;
 }

@@ -46,18 +46,25 @@ def _dense_reference(q, keys, values, q_len, scale, window):
     return torch.einsum("hqk,hkd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
 
 
-@pytest.fixture(scope="module", params=["native", "no-bf16-dot"])
+_X86_BUILDS = {  # what other x86 CPUs build, checked on this one
+    "no-bf16-dot": ["-mno-avx512bf16"],  # widening bf16 rows (16 lanes)
+    "no-avx512": ["-mno-avx512f"],  # AVX2: 8-lane tiles
+}
+
+
+@pytest.fixture(scope="module", params=["native", *_X86_BUILDS])
 def kernel(request):
-    """The kernel as built here, and built without the CPU's bf16 dot product (when it has
-    one) so the widening path that other CPUs take is checked too."""
+    """The kernel as built here, and built as CPUs without a bf16 dot product or without
+    AVX-512 build it, so the paths other CPUs take are checked too."""
     lib = load_kernel()
     if lib is None:
         pytest.skip("no C compiler here: the kernel is not built")
-    if request.param == "no-bf16-dot":
+    if request.param in _X86_BUILDS:
         if platform.machine() != "x86_64":
-            pytest.skip("-mno-avx512bf16 is an x86 flag")
-        lib = load_c_library("paged_attention_generic", cpu_kernel._SOURCE.read_bytes(),
-                             [*cpu_kernel._FLAGS, "-mno-avx512bf16"], cpu_kernel._LINK_FLAGS)
+            pytest.skip(f"{_X86_BUILDS[request.param]} are x86 flags")
+        lib = load_c_library(f"paged_attention_{request.param}", cpu_kernel._SOURCE.read_bytes(),
+                             [*cpu_kernel._FLAGS, *_X86_BUILDS[request.param]],
+                             cpu_kernel._LINK_FLAGS)
         assert lib is not None
         lib.paged_attention.restype = ctypes.c_int
     return lib

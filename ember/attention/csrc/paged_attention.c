@@ -5,11 +5,12 @@
  * is read once per query position. Scores and accumulation are fp32; a bf16 or fp8 cache is
  * widened on load (an fp8 cache holds K/V as stored, scale 1, e4m3fn or e5m2 bits).
  *
- * The context is walked in tiles of 16 positions whatever the block size. A decode task puts
- * the tile's 16 keys in the lanes: a tile's rows are widened to fp32 once and shared by the
- * query heads, its 16 scores come out of one joint reduction (no horizontal sum per row), and
- * the online softmax works on whole vectors. A prefill task has rows enough to put 16 query
- * rows in the lanes instead (attend_rows), which needs no reduction at all.
+ * The context is walked in tiles of TILE positions (16 with AVX-512, else 8: one register)
+ * whatever the block size. A decode task puts the tile's keys in the lanes: a tile's rows are
+ * widened to fp32 once and shared by the query heads, its scores come out of one joint
+ * reduction (no horizontal sum per row), and the online softmax works on whole vectors. A
+ * prefill task has rows enough to put TILE query rows in the lanes instead (attend_rows),
+ * which needs no reduction at all.
  * Written with GCC vector extensions, so the same source builds for AVX-512, AVX2 or NEON.
  * Built at run time by ember/attention/cpu_kernel.py.
  */
@@ -19,7 +20,7 @@
 #include <string.h>
 
 #include "bf16.h"
-#ifdef __AVX512BF16__
+#if defined(__AVX512BF16__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -28,15 +29,21 @@
 #define MAX_QUERY_BLOCK 16  /* query positions of a prefill chunk attended together */
 #define MAX_DIM 256
 #define MAX_BLOCK_SHIFT 7
-#define TILE 16               /* positions per tile == lanes per vector */
+/* Positions per tile == lanes per vector: one register of fp32. 16-lane vectors on a CPU
+ * without AVX-512 compile to register pairs with stack round trips, several times slower. */
+#ifdef __AVX512F__
+#define TILE 16
+#else
+#define TILE 8
+#endif
 #define PREFETCH_ROWS 64      /* lead that covers DRAM latency on scattered block tables */
 #define MASKED (-1e30f)       /* not -inf: the kernel is built with -ffast-math */
 
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vhalf __attribute__((vector_size(32)));
-typedef uint8_t vbyte __attribute__((vector_size(16)));
+typedef float vfloat __attribute__((vector_size(TILE * 4)));
+typedef int32_t vint __attribute__((vector_size(TILE * 4)));
+typedef uint32_t vuint __attribute__((vector_size(TILE * 4)));
+typedef uint16_t vhalf __attribute__((vector_size(TILE * 2)));
+typedef uint8_t vbyte __attribute__((vector_size(TILE)));
 
 /* What the KV cache holds; queries and outputs are fp32 or bf16 (`io_bf16`). */
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_E4M3 = 2, KIND_E5M2 = 3, NUM_KINDS = 4 };
@@ -60,12 +67,17 @@ static inline vfloat load_vec(const float *p) {
 static inline void store_vec(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
 
 static inline vfloat load_bf16_vec(const uint16_t *p) {
+#if TILE == 8 && defined(__AVX2__)  /* one vpmovzxwd: GCC's generic widening takes two halves */
+    return (vfloat)_mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+#else
     vhalf h;
     memcpy(&h, p, sizeof h);
     const vuint bits = __builtin_convertvector(h, vuint) << 16;
     vfloat v;
     memcpy(&v, &bits, sizeof v);
     return v;
+#endif
 }
 
 static inline vfloat splat(float x) { return (vfloat){0} + x; }
@@ -74,9 +86,9 @@ static inline vfloat splat(float x) { return (vfloat){0} + x; }
  * and the PyTorch path serves them. */
 #ifdef __FLT16_MAX__
 #define HAS_FP8 1
-typedef _Float16 vf16 __attribute__((vector_size(32)));
+typedef _Float16 vf16 __attribute__((vector_size(TILE * 2)));
 
-/* 16 fp8 values widened exactly through fp16, which the CPU converts in one instruction:
+/* TILE fp8 values widened exactly through fp16, which the CPU converts in one instruction:
  * e5m2 is fp16's top byte; e4m3fn's exponent and mantissa placed in fp16's fields give its
  * value divided by 2^8 (bias 15 for 7), subnormals included. The cache never holds NaN or
  * inf: writes clamp to the format's largest finite value. */
@@ -109,7 +121,9 @@ static inline vfloat blend(vint mask, vfloat a, vfloat b) {
     return out;
 }
 
-/* 16 vectors -> one vector whose lane j is the sum of vector j's lanes (4 shuffle levels). */
+/* TILE vectors -> one vector whose lane j is the sum of vector j's lanes (log2(TILE) shuffle
+ * levels, each halving the lanes every row keeps). */
+#if TILE == 16
 static inline vfloat sum_each(vfloat x[TILE]) {
     const vint lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
     const vint hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
@@ -128,6 +142,22 @@ static inline vfloat sum_each(vfloat x[TILE]) {
         c[i] = __builtin_shuffle(b[i], b[i + 2], lo2) + __builtin_shuffle(b[i], b[i + 2], hi2);
     return __builtin_shuffle(c[0], c[1], lo1) + __builtin_shuffle(c[0], c[1], hi1);
 }
+#else
+static inline vfloat sum_each(vfloat x[TILE]) {
+    const vint lo4 = {0, 1, 2, 3, 8, 9, 10, 11};
+    const vint hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    const vint lo2 = {0, 1, 8, 9, 4, 5, 12, 13};
+    const vint hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const vint lo1 = {0, 8, 2, 10, 4, 12, 6, 14};
+    const vint hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
+    vfloat a[4], b[2];
+    for (int i = 0; i < 4; ++i)  /* lanes 0-3: row i, 4-7: row i + 4 */
+        a[i] = __builtin_shuffle(x[i], x[i + 4], lo4) + __builtin_shuffle(x[i], x[i + 4], hi4);
+    for (int i = 0; i < 2; ++i)  /* pair k: row i + 2k */
+        b[i] = __builtin_shuffle(a[i], a[i + 2], lo2) + __builtin_shuffle(a[i], a[i + 2], hi2);
+    return __builtin_shuffle(b[0], b[1], lo1) + __builtin_shuffle(b[0], b[1], hi1);
+}
+#endif
 
 static inline float max_of(vfloat v) {
     float m = v[0];
@@ -316,7 +346,8 @@ static inline vfloat dot_tile_bf16(const task_args *a, const uint16_t *qg, const
  * tile's softmax weights (0 outside lanes [first, end), the positions that query attends). */
 static inline vfloat fold_tile(vfloat dots, float scale, int first, int end, int dim,
                                float *max_g, float *sum_g, float *acc_g) {
-    const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vint lane;
+    for (int l = 0; l < TILE; ++l) lane[l] = l;
     const vint valid = (lane >= first) & (lane < end);
     const vfloat scores = blend(valid, dots * scale, splat(MASKED));
     const float tile_max = max_of(scores);
@@ -440,10 +471,10 @@ static inline __attribute__((always_inline)) void attend(const task_args *a, int
 }
 
 /* ---- Prefill: lanes are query rows ------------------------------------------------------
- * A prefill chunk has many (position, head) rows per kv head, so its lanes hold 16 rows and
- * the keys of a tile are walked one by one: each score vector is 16 rows' dot with one key
- * (the key's elements broadcast from memory), the online softmax runs down the tile's 16
- * score vectors with no horizontal reduction, and each value element is broadcast into 16
+ * A prefill chunk has many (position, head) rows per kv head, so its lanes hold TILE rows and
+ * the keys of a tile are walked one by one: each score vector is TILE rows' dot with one key
+ * (the key's elements broadcast from memory), the online softmax runs down the tile's TILE
+ * score vectors with no horizontal reduction, and each value element is broadcast into TILE
  * rows' accumulators. With AVX512-BF16 a query pair (q[c], q[c+1]) per lane meets the key's
  * bf16 pair in one vdpbf16ps, so keys are never widened. */
 
@@ -455,7 +486,7 @@ typedef struct {
 
 static const float ZERO_ROW[MAX_DIM] __attribute__((aligned(64)));
 
-/* Rows [r0, r0 + 16) of the block starting at query position t0, transposed into qt
+/* Rows [r0, r0 + TILE) of the block starting at query position t0, transposed into qt
  * ([dim][16] fp32, or [dim / 2][16] bf16 pairs for the native dot) with their windows. */
 static inline void load_lane_rows(const task_args *a, int t0, int r0, int rows, int bf16,
                                   int native, int dim, float *qt, lane_rows *lr) {
@@ -501,7 +532,7 @@ static inline void locate_keys(const task_args *a, const float *ktile, int start
                          : (const void *)(ktile + j * dim);
 }
 
-/* Raw scores of 16 rows (lanes) against the tile's keys: scores[j] for key j. */
+/* Raw scores of TILE rows (lanes) against the tile's keys: scores[j] for key j. */
 static inline void score_keys(const float *qt, const void *const keys[TILE], int native,
                               int dim, vfloat scores[TILE]) {
     for (int j = 0; j < TILE; ++j) scores[j] = (vfloat){0};
@@ -524,7 +555,7 @@ static inline void score_keys(const float *qt, const void *const keys[TILE], int
     }
 }
 
-/* The tile folded into 16 rows' online softmax and accumulators (acct [dim][16]). */
+/* The tile folded into TILE rows' online softmax and accumulators (acct [dim][TILE]). */
 static inline void fold_rows(vfloat scores[TILE], const float *vtile, int start, float scale,
                              int dim, lane_rows *lr, float *acct) {
     vfloat tile_max = splat(MASKED);
@@ -568,7 +599,7 @@ static inline void store_lane_rows(const task_args *a, int t0, int r0, int rows,
 
 /* One (sequence, kv head) task of a prefill chunk: query positions in blocks of up to
  * MAX_ROWS rows; each block walks the union of its rows' contexts once, tile by tile, and
- * each group of 16 rows skips the tiles outside all of its rows' windows. */
+ * each group of TILE rows skips the tiles outside all of its rows' windows. */
 static inline __attribute__((always_inline)) void attend_rows(const task_args *a, int bf16,
                                                               int kind, int dim) {
     enum { LANE_GROUPS = MAX_ROWS / TILE };

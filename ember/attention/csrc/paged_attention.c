@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "bf16.h"
-#if defined(__AVX512BF16__) || defined(__AVX2__)
+#ifdef __AVX512BF16__
 #include <immintrin.h>
 #endif
 
@@ -66,19 +66,7 @@ static inline vfloat load_vec(const float *p) {
 
 static inline void store_vec(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
 
-static inline vfloat load_bf16_vec(const uint16_t *p) {
-#if TILE == 8 && defined(__AVX2__)  /* one vpmovzxwd: GCC's generic widening takes two halves */
-    return (vfloat)_mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-#else
-    vhalf h;
-    memcpy(&h, p, sizeof h);
-    const vuint bits = __builtin_convertvector(h, vuint) << 16;
-    vfloat v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-#endif
-}
+EMBER_DEFINE_BF16_LOAD(load_bf16_vec, vfloat, vhalf, vuint)
 
 static inline vfloat splat(float x) { return (vfloat){0} + x; }
 

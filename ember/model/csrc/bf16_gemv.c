@@ -11,9 +11,6 @@
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 #include "bf16.h"
 
@@ -35,20 +32,7 @@ static inline vfloat load_vec(const float *p) {
 }
 
 /* LANES bf16 values as fp32 (bf16 is the top half of an fp32). */
-static inline vfloat widen_vec(const uint16_t *p) {
-#ifdef __AVX2__  /* one vpmovzxwd: GCC's generic widening takes two halves and an insert */
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
-    return (vfloat)_mm256_castsi256_ps(bits);
-#else
-    vhalf h;
-    memcpy(&h, p, sizeof h);
-    const vuint bits = __builtin_convertvector(h, vuint) << 16;
-    vfloat v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-#endif
-}
+EMBER_DEFINE_BF16_LOAD(widen_vec, vfloat, vhalf, vuint)
 
 static inline float hsum(vfloat v) {
     float s = 0.f;

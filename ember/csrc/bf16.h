@@ -24,29 +24,28 @@ static inline uint16_t f32_to_bf16(float f) {
 
 #ifdef __AVX2__
 #include <immintrin.h>
-/* 8 bf16 values as fp32 in one vpmovzxwd and a shift (GCC's generic vector widening of the
- * same takes two 128-bit halves and an insert). */
-#define EMBER_BF16X8_INTO(p, dst)                                                           \
-    do {                                                                                    \
-        const __m256 r_ = _mm256_castsi256_ps(                                              \
-            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), \
-                              16));                                                         \
-        memcpy((dst), &r_, sizeof r_);                                                      \
-    } while (0)
-#define EMBER_HAS_BF16X8 1
-#else
-#define EMBER_BF16X8_INTO(p, dst) ((void)0)
-#define EMBER_HAS_BF16X8 0
 #endif
+
+/* 8 bf16 values at p as fp32 into dst in one vpmovzxwd and a shift (GCC's generic vector
+ * widening of the same takes two 128-bit halves and an insert); 0 without AVX2. */
+static inline int widen_bf16x8(const uint16_t *p, void *dst) {
+#ifdef __AVX2__
+    const __m256 v = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    memcpy(dst, &v, sizeof v);
+    return 1;
+#else
+    (void)p, (void)dst;
+    return 0;
+#endif
+}
 
 /* Defines `static inline VFLOAT NAME(const uint16_t *p)`: a GCC vector of fp32 lanes widened
  * from as many bf16 values at p (VHALF and VUINT: the same lane count in 16 and 32 bits). */
 #define EMBER_DEFINE_BF16_LOAD(NAME, VFLOAT, VHALF, VUINT)                                   \
     static inline VFLOAT NAME(const uint16_t *p) {                                         \
         VFLOAT v;                                                                          \
-        if (EMBER_HAS_BF16X8 && sizeof v == 32) {                                          \
-            EMBER_BF16X8_INTO(p, &v);                                                      \
-        } else {                                                                           \
+        if (sizeof v != 32 || !widen_bf16x8(p, &v)) {                                      \
             VHALF h;                                                                       \
             memcpy(&h, p, sizeof h);                                                       \
             const VUINT bits = __builtin_convertvector(h, VUINT) << 16;                     \

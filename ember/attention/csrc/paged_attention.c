@@ -475,7 +475,8 @@ typedef struct {
 static const float ZERO_ROW[MAX_DIM] __attribute__((aligned(64)));
 
 /* Rows [r0, r0 + TILE) of the block starting at query position t0, transposed into qt
- * ([dim][16] fp32, or [dim / 2][16] bf16 pairs for the native dot) with their windows. */
+ * ([dim][TILE] fp32, or [dim / 2][TILE] bf16 pairs for the native dot), with their
+ * windows. */
 static inline void load_lane_rows(const task_args *a, int t0, int r0, int rows, int bf16,
                                   int native, int dim, float *qt, lane_rows *lr) {
     const int group = a->group;

@@ -5,7 +5,7 @@
  * W_TILE weight rows by X_TILE rows of x: each step loads 8 bf16 weights of every tile row,
  * widens them in registers and multiplies them into X_TILE * W_TILE independent fp32
  * accumulators (enough to hide the FMA latency). The weight rows of a tile stay in L1/L2
- * while every pair of x rows passes over them. Products of the bf16 values are summed in
+ * while every group of x rows passes over them. Products of the bf16 values are summed in
  * fp32 and rounded to bf16 once, as a bf16 GEMM does. Built at run time by
  * ember/model/widened_gemm.py.
  */
@@ -15,12 +15,8 @@
 #include "bf16.h"
 
 #define LANES 8
-#ifndef W_TILE
-#define W_TILE 3
-#endif
-#ifndef X_TILE
+#define W_TILE 3 /* 3 x 4 tiles: 12 accumulators, the most AVX2's 16 registers hold */
 #define X_TILE 4
-#endif
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
@@ -58,33 +54,30 @@ static inline float hsum(vfloat v) {
     }
 DEFINE_DOT_TILE(1)
 DEFINE_DOT_TILE(2)
-#if X_TILE == 4
 DEFINE_DOT_TILE(4)
-#endif
 
 /* Output columns [j, j + nw) for every row, nw <= W_TILE: rows X_TILE at a time, then the
  * remainder in twos and ones, while the tile's weight rows stay in cache. */
 static void weight_tile(const float *x, const uint16_t *w, const uint16_t *bias, uint16_t *out,
                         int rows, int n, int k, int j, int nw) {
     const uint16_t *wrow[W_TILE];
-    for (int b = 0; b < W_TILE; ++b) wrow[b] = w + (size_t)(j + (b < nw ? b : 0)) * k;
+    float bv[W_TILE];
+    for (int b = 0; b < W_TILE; ++b) {
+        wrow[b] = w + (size_t)(j + (b < nw ? b : 0)) * k;
+        bv[b] = bias && b < nw ? bf16_to_f32(bias[j + b]) : 0.f;
+    }
     for (int r = 0; r < rows;) {
         const int left = rows - r;
         const int nx = left >= X_TILE ? X_TILE : left >= 2 ? 2 : 1;
         const float *xrow[X_TILE];
         for (int a = 0; a < nx; ++a) xrow[a] = x + (size_t)(r + a) * k;
         float sums[X_TILE][W_TILE];
-#if X_TILE == 4
         if (nx == 4) dot_tile_4(xrow, wrow, k, sums);
-        else
-#endif
-        if (nx == 2) dot_tile_2(xrow, wrow, k, sums);
+        else if (nx == 2) dot_tile_2(xrow, wrow, k, sums);
         else dot_tile_1(xrow, wrow, k, sums);
         for (int a = 0; a < nx; ++a)
-            for (int b = 0; b < nw; ++b) {
-                const float bv = bias ? bf16_to_f32(bias[j + b]) : 0.f;
-                out[(size_t)(r + a) * n + j + b] = f32_to_bf16(sums[a][b] + bv);
-            }
+            for (int b = 0; b < nw; ++b)
+                out[(size_t)(r + a) * n + j + b] = f32_to_bf16(sums[a][b] + bv[b]);
         r += nx;
     }
 }

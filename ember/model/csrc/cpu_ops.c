@@ -33,26 +33,41 @@ static inline void store(void *p, size_t i, float x, int kind) {
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* out = weight * round(rmsnorm(s)), s = x (+ residual, rounded and written back into x). */
+/* One row: out = weight * round(rmsnorm(s)), s = x (+ residual, rounded and written back
+ * into x). */
+INLINE void rms_norm_row(void *x, const void *residual, const void *weight, void *out,
+                         size_t base, int dim, float eps, int kind) {
+    float sum_sq = 0.f;
+    for (int d = 0; d < dim; ++d) {
+        float v = load(x, base + d, kind);
+        if (residual) {
+            v = round_to(v + load(residual, base + d, kind), kind);
+            store(x, base + d, v, kind);
+        }
+        sum_sq += v * v;
+    }
+    const float inv = 1.f / sqrtf(sum_sq / (float)dim + eps);
+    for (int d = 0; d < dim; ++d) {
+        const float normed = round_to(load(x, base + d, kind) * inv, kind);
+        store(out, base + d, round_to(load(weight, d, kind) * normed, kind), kind);
+    }
+}
+
+/* `kind` is chosen inside the loop body: OpenMP outlines the body before inlining, so a kind
+ * fixed outside it would reach the rows as a variable and their loops would not vectorise. */
 INLINE void rms_norm_impl(void *x, const void *residual, const void *weight, void *out, int rows,
                           int dim, float eps, int kind, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if ((size_t)rows * dim >= PARALLEL_MIN_ELEMENTS)
     for (int r = 0; r < rows; ++r) {
         const size_t base = (size_t)r * dim;
-        float sum_sq = 0.f;
-        for (int d = 0; d < dim; ++d) {
-            float v = load(x, base + d, kind);
-            if (residual) {
-                v = round_to(v + load(residual, base + d, kind), kind);
-                store(x, base + d, v, kind);
-            }
-            sum_sq += v * v;
-        }
-        const float inv = 1.f / sqrtf(sum_sq / (float)dim + eps);
-        for (int d = 0; d < dim; ++d) {
-            const float normed = round_to(load(x, base + d, kind) * inv, kind);
-            store(out, base + d, round_to(load(weight, d, kind) * normed, kind), kind);
-        }
+        if (kind && residual)
+            rms_norm_row(x, residual, weight, out, base, dim, eps, 1);
+        else if (kind)
+            rms_norm_row(x, NULL, weight, out, base, dim, eps, 1);
+        else if (residual)
+            rms_norm_row(x, residual, weight, out, base, dim, eps, 0);
+        else
+            rms_norm_row(x, NULL, weight, out, base, dim, eps, 0);
     }
 }
 
@@ -84,28 +99,25 @@ INLINE void apply_rope_impl(const void *x, const void *cos, const void *sin, voi
         for (int h = 0; h < heads; ++h) {
             const size_t src = (size_t)t * stride_tok + (size_t)h * stride_head;
             const size_t dst = ((size_t)t * heads + h) * dim;
-            rope_row((const char *)x + src * elem, (const char *)cos + angle * elem,
-                     (const char *)sin + angle * elem, (char *)out + dst * elem, half, kind);
+            const char *xs = (const char *)x + src * elem;
+            const char *cs = (const char *)cos + angle * elem, *ss = (const char *)sin + angle * elem;
+            char *os = (char *)out + dst * elem;
+            if (kind)  /* constant in each copy (see rms_norm_impl) */
+                rope_row(xs, cs, ss, os, half, 1);
+            else
+                rope_row(xs, cs, ss, os, half, 0);
         }
     }
 }
 
-/* The entry points: `kind` becomes a constant in each copy, so the loops vectorise. */
 void rms_norm(void *x, const void *residual, const void *weight, void *out, int rows, int dim,
               float eps, int kind, int num_threads) {
-    if (kind)
-        rms_norm_impl(x, residual, weight, out, rows, dim, eps, 1, num_threads);
-    else
-        rms_norm_impl(x, residual, weight, out, rows, dim, eps, 0, num_threads);
+    rms_norm_impl(x, residual, weight, out, rows, dim, eps, kind, num_threads);
 }
 
 void apply_rope(const void *x, const void *cos, const void *sin, void *out, int tokens,
                 int heads, int half, long stride_tok, long stride_head, int kind,
                 int num_threads) {
-    if (kind)
-        apply_rope_impl(x, cos, sin, out, tokens, heads, half, stride_tok, stride_head, 1,
-                        num_threads);
-    else
-        apply_rope_impl(x, cos, sin, out, tokens, heads, half, stride_tok, stride_head, 0,
-                        num_threads);
+    apply_rope_impl(x, cos, sin, out, tokens, heads, half, stride_tok, stride_head, kind,
+                    num_threads);
 }

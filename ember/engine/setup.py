@@ -27,6 +27,7 @@ from ember.engine.runner import ModelRunner
 from ember.engine.scheduler import Scheduler
 from ember.kv.events import KVEventRecorder
 from ember.kv.tiers import KVTiers
+from ember.model import panel_gemm
 from ember.model.layers import onednn_bf16_supported
 from ember.model.loader import ModelInfo, load_model
 from ember.structured.manager import StructuredOutputManager
@@ -202,7 +203,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         model.prepack_cpu()
     if device.type == "cpu" and info.dtype == torch.bfloat16 and not onednn_bf16_supported():
         logger.info("this CPU has no oneDNN bf16 GEMMs (they need AVX-512): bf16 weights are "
-                    "widened to fp32 a slice at a time in each GEMM")
+                    "packed for ember's AVX2 panel GEMM%s", "" if panel_gemm.available() else
+                    " (unavailable here: widened to fp32 a slice at a time in each GEMM)")
     max_model_len = config.model.max_model_len or info.max_position_embeddings
     if max_model_len > info.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's "

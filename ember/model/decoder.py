@@ -77,4 +77,4 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 (matmul in the model dtype, like transformers)."""
-        return self.lm_head(hidden).float()
+        return self.lm_head.forward_float32(hidden)

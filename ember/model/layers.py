@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember import envs
-from ember.model import cpu_ops, widened_gemm
+from ember.model import cpu_ops, panel_gemm, widened_gemm
 from ember.model.registry import RopeConfig
 
 
@@ -78,7 +78,8 @@ class Linear(nn.Module):
     On the CPU, `prepack_cpu()` swaps in a oneDNN-packed copy of a bf16 or fp32 weight: 1.2-2.5x
     faster GEMMs (F.linear repacks a bf16 weight on every call, and runs fp32 through another
     BLAS); bf16 results are bit-identical, fp32 ones differ in the order of the sums. Where oneDNN
-    has no bf16 (or fp16) kernels, such GEMMs go through widened_gemm.py instead.
+    has no bf16 kernels (AVX2), a bf16 weight is packed into panel_gemm.py's column panels
+    instead, and an fp16 or unpackable one goes through widened_gemm.py.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -89,16 +90,25 @@ class Linear(nn.Module):
             (out_features, in_features), dtype, device)
         self.bias = empty_parameter((out_features,), dtype, device) if bias else None
         self.packed_weight: torch.Tensor | None = None
+        self.panels: torch.Tensor | None = None  # bf16 column panels (panel_gemm.py)
         self.resident_weight = False  # refilled per layer (compress/resident.py): never pack
         self.widen_half = False  # a 16-bit weight computed through widened_gemm.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.panels is not None:
+            return panel_gemm.linear(x, self.panels, self.bias, self.out_features)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                       [], "")
         if self.widen_half:
             return widened_gemm.half_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x).float(), in one pass where the kernel can write float32 itself."""
+        if self.panels is not None:
+            return panel_gemm.linear(x, self.panels, self.bias, self.out_features, torch.float32)
+        return self(x).float()
 
     def prepack_cpu(self) -> bool:
         """Pack a bf16 or fp32 CPU weight for oneDNN and drop this module's plain copy (a tied
@@ -110,8 +120,12 @@ class Linear(nn.Module):
         if weight.dtype == torch.float16 and not onednn_fp16_supported():
             self.widen_half = True
         if weight.dtype == torch.bfloat16 and not onednn_bf16_supported():
-            self.widen_half = True
-            return False
+            if self.resident_weight or not panel_gemm.available():
+                self.widen_half = True
+                return False
+            self.panels = panel_gemm.pack(weight.detach())
+            self.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+            return True
         if weight.dtype not in (torch.bfloat16, torch.float32) or self.resident_weight:
             return False
         if not torch.backends.mkldnn.is_available():

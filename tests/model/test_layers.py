@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import transformers
@@ -85,9 +87,11 @@ def bf16_model_dir(tmp_path):
                               tie_word_embeddings=True)
 
 
-def test_prepack_cpu_packs_or_widens_bf16_linears(bf16_model_dir):
+def test_prepack_cpu_packs_bf16_linears(bf16_model_dir):
     """With oneDNN bf16 kernels the packed weights change speed, never numbers; without them
-    (an AVX2-only CPU) every bf16 linear is widened per call instead."""
+    (an AVX2-only CPU) every bf16 linear is packed into column panels instead, the same logits
+    up to rounding."""
+    from ember.model import panel_gemm
     from ember.model.layers import Linear, onednn_bf16_supported
     from ember.model.loader import load_model
 
@@ -95,23 +99,43 @@ def test_prepack_cpu_packs_or_widens_bf16_linears(bf16_model_dir):
     model, info = load_model(bf16_model_dir)
     packed = model.prepack_cpu()
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert packed == len(linears)
     if onednn_bf16_supported():
-        assert packed == len(linears)
         assert torch.equal(_logits(model, info), plain)
     else:
-        assert packed == 0 and all(m.widen_half for m in linears)
+        assert panel_gemm.available() and all(m.panels is not None for m in linears)
         torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
 
 
-def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
-    """The AVX2 path, forced on any CPU: the same logits as bf16 F.linear up to rounding."""
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the panel kernel needs AVX2")
+def test_panel_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
+    """The AVX2 path, forced on any x86 CPU: the same logits as bf16 F.linear up to rounding,
+    and the lm_head's float32 logits exactly its bf16 ones widened."""
     from ember.model import layers
     from ember.model.loader import load_model
 
     monkeypatch.setattr(layers, "onednn_bf16_supported", lambda: False)
     plain = _logits(*load_model(bf16_model_dir))
     model, info = load_model(bf16_model_dir)
+    assert model.prepack_cpu() == sum(isinstance(m, layers.Linear) for m in model.modules())
+    assert model.lm_head.panels is not None
+    torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
+    hidden = torch.randn(5, info.hidden_size).bfloat16()
+    assert torch.equal(model.compute_logits(hidden), model.lm_head(hidden).float())
+
+
+def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
+    """Without oneDNN bf16 and without the panel kernel (no AVX2, or resident weights): the C
+    loop and widened slices, the same logits as bf16 F.linear up to rounding."""
+    from ember.model import layers, panel_gemm
+    from ember.model.loader import load_model
+
+    monkeypatch.setattr(layers, "onednn_bf16_supported", lambda: False)
+    monkeypatch.setattr(panel_gemm, "available", lambda: False)
+    plain = _logits(*load_model(bf16_model_dir))
+    model, info = load_model(bf16_model_dir)
     assert model.prepack_cpu() == 0
+    assert all(m.widen_half for m in model.modules() if isinstance(m, layers.Linear))
     torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
 
 

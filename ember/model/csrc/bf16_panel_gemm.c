@@ -1,0 +1,220 @@
+/* y = x W^T (+ b) with bf16 weights packed into column panels, for AVX2 CPUs whose oneDNN has
+ * no bf16 GEMM. Built at run time by ember/model/panel_gemm.py, which also packs the weights.
+ *
+ * A panel is 16 output columns of W stored k-major, [k][16] bf16: the 16 weights that one
+ * element of x meets are 32 contiguous bytes. The kernel keeps an MR x 16 block of fp32 sums
+ * in registers; for each k it widens the panel's 16 weights with two unpacks against zero
+ * (bf16 is the top half of an fp32), broadcasts MR elements of x and issues 2 MR FMAs, so no
+ * horizontal sum and no per-row re-widening is needed (unlike bf16_gemv.c). Within a panel
+ * the columns are stored in the order the 128-bit-lane unpacks produce (0-3, 8-11, 4-7, 12-15),
+ * so the two widened vectors hold columns 0-7 and 8-15.
+ *
+ * With few rows one panel gives too few independent sums to hide the FMA latency, so 1, 2 and
+ * 3 rows take 4, 3 and 2 panels at once. Products of the bf16 values are summed in fp32 and
+ * rounded once, as a bf16 GEMM does; out_kind 1 writes that rounded value as fp32 (the
+ * logits' `.float()` without a second pass).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#define NR 16 /* columns per panel: two vectors of 8 fp32 */
+#define KC 512 /* k per pass: a pass's rows of x stay in L2 across the thread's panels */
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+int panel_gemm_available(void) { return 1; }
+
+/* The 16 bf16 weights at p as fp32: columns 0-7 and 8-15 of the panel. */
+static inline void widen_panel_row(const uint16_t *p, __m256 *lo, __m256 *hi) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m256i zero = _mm256_setzero_si256();
+    *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+    *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+}
+
+/* sums[r][16 p + j] = init[r][16 p + j] + x[r] . column j of panel p over kc, for MR rows of x
+ * (row stride ldx) and NP panels (panel stride in elements); `init` NULL counts as zeros. */
+/* UNROLLED: fully unrolled before GCC's scalar replacement of `acc`, which otherwise keeps a copy
+ * of every accumulator on the stack and stores it after each FMA. */
+#define UNROLLED _Pragma("GCC unroll 16")
+#define DEFINE_KERNEL(MR, NP)                                                                 \
+    static void kernel_##MR##_##NP(const float *x, size_t ldx, const uint16_t *w,             \
+                                   size_t panel_stride, int kc, const float *init,            \
+                                   size_t ld_init, float *sums, size_t ld_sums) {             \
+        __m256 acc[MR][2 * NP];                                                               \
+        UNROLLED for (int r = 0; r < MR; ++r)                                                 \
+            UNROLLED for (int j = 0; j < 2 * NP; ++j)                                         \
+                acc[r][j] = init ? _mm256_loadu_ps(init + r * ld_init + 8 * j)                \
+                                 : _mm256_setzero_ps();                                       \
+        for (int c = 0; c < kc; ++c) {                                                        \
+            UNROLLED for (int p = 0; p < NP; ++p) {                                           \
+                __m256 lo, hi;                                                                \
+                widen_panel_row(w + p * panel_stride + (size_t)c * NR, &lo, &hi);             \
+                UNROLLED for (int r = 0; r < MR; ++r) {                                       \
+                    const __m256 xv = _mm256_broadcast_ss(x + r * ldx + c);                   \
+                    acc[r][2 * p] = _mm256_fmadd_ps(xv, lo, acc[r][2 * p]);                   \
+                    acc[r][2 * p + 1] = _mm256_fmadd_ps(xv, hi, acc[r][2 * p + 1]);           \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        UNROLLED for (int r = 0; r < MR; ++r)                                                 \
+            UNROLLED for (int j = 0; j < 2 * NP; ++j)                                         \
+                _mm256_storeu_ps(sums + r * ld_sums + 8 * j, acc[r][j]);                      \
+    }
+DEFINE_KERNEL(1, 4)
+DEFINE_KERNEL(2, 3)
+DEFINE_KERNEL(3, 2)
+DEFINE_KERNEL(1, 1)
+DEFINE_KERNEL(2, 1)
+DEFINE_KERNEL(3, 1)
+DEFINE_KERNEL(4, 1)
+DEFINE_KERNEL(5, 1)
+DEFINE_KERNEL(6, 1)
+
+typedef void (*kernel_fn)(const float *, size_t, const uint16_t *, size_t, int, const float *,
+                          size_t, float *, size_t);
+
+#define MAX_MR 6
+#define MAX_NP 4
+
+/* Rows per block and panels per group for a GEMM of `rows` rows. */
+static void block_shape(int rows, int *mr, int *np) {
+    *mr = rows < MAX_MR ? rows : MAX_MR;
+    *np = rows == 1 ? 4 : rows == 2 ? 3 : rows == 3 ? 2 : 1;
+}
+
+static kernel_fn pick_kernel(int mr, int np) {
+    if (np == 4) return kernel_1_4;
+    if (np == 3) return kernel_2_3;
+    if (np == 2) return kernel_3_2;
+    static const kernel_fn one_panel[MAX_MR + 1] = {NULL,       kernel_1_1, kernel_2_1, kernel_3_1,
+                                                    kernel_4_1, kernel_5_1, kernel_6_1};
+    return one_panel[mr];
+}
+
+typedef struct {
+    const float *x;          /* [rows, k] fp32 */
+    const uint16_t *panels;  /* [num_panels, k, 16] */
+    const uint16_t *bias;    /* [n] or NULL */
+    void *out;               /* [rows, n] bf16, or fp32 when out_kind is 1 */
+    float *partial;          /* [rows, num_panels * 16] fp32 sums between passes, k > KC only */
+    int rows, n, k, out_kind;
+} gemm_args;
+
+/* f32_to_bf16 on 8 lanes: each lane's bf16 bits in its low half. */
+static inline __m256i round_to_bf16(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i nearest = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+    const __m256i is_nan = _mm256_cmpgt_epi32(
+        _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(nearest, quiet_nan, is_nan);
+}
+
+/* 8 sums (+ bias) of one row, rounded to bf16, into out at element `at`. */
+static inline void store_8(const gemm_args *g, __m256 sums, int col, size_t at) {
+    if (g->bias) {
+        __m256 b;
+        widen_bf16x8(g->bias + col, &b);
+        sums = _mm256_add_ps(sums, b);
+    }
+    const __m256i bits = round_to_bf16(sums);
+    if (g->out_kind) {
+        _mm256_storeu_ps((float *)g->out + at, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
+    } else {
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xD8);
+        _mm_storeu_si128((__m128i *)((uint16_t *)g->out + at), _mm256_castsi256_si128(packed));
+    }
+}
+
+/* A finished block's sums + bias, rounded to bf16, into out (columns past n are padding). */
+static void store_block(const gemm_args *g, const float *sums, size_t ldc, int r0, int mr,
+                        int col0, int cols) {
+    for (int r = 0; r < mr; ++r) {
+        const size_t row = (size_t)(r0 + r) * g->n;
+        int j = 0;
+        for (; j + 8 <= cols && col0 + j + 8 <= g->n; j += 8)
+            store_8(g, _mm256_loadu_ps(sums + r * ldc + j), col0 + j, row + col0 + j);
+        for (; j < cols && col0 + j < g->n; ++j) {
+            const int col = col0 + j;
+            const float b = g->bias ? bf16_to_f32(g->bias[col]) : 0.f;
+            const uint16_t y = f32_to_bf16(sums[r * ldc + j] + b);
+            if (g->out_kind)
+                ((float *)g->out)[row + col] = bf16_to_f32(y);
+            else
+                ((uint16_t *)g->out)[row + col] = y;
+        }
+    }
+}
+
+/* Panels [p0, p0 + np) against every row of x over k range [k0, k0 + kc): the sums of earlier
+ * passes come from `partial`, and go back there unless this is the last pass. */
+static void panel_group(const gemm_args *g, int p0, int np, int mr_max, int k0, int kc) {
+    const size_t panel_stride = (size_t)g->k * NR;
+    const size_t ld_partial = (size_t)((g->n + NR - 1) / NR) * NR;
+    const int last = k0 + kc == g->k;
+    float block[MAX_MR * MAX_NP * NR];
+    for (int r0 = 0; r0 < g->rows; r0 += mr_max) {
+        const int mr = g->rows - r0 < mr_max ? g->rows - r0 : mr_max;
+        float *partial = g->partial ? g->partial + (size_t)r0 * ld_partial + (size_t)p0 * NR : NULL;
+        pick_kernel(mr, np)(g->x + (size_t)r0 * g->k + k0, (size_t)g->k,
+                            g->panels + (size_t)p0 * panel_stride + (size_t)k0 * NR, panel_stride,
+                            kc, k0 ? partial : NULL, ld_partial, last ? block : partial,
+                            last ? (size_t)np * NR : ld_partial);
+        if (last) store_block(g, block, (size_t)np * NR, r0, mr, p0 * NR, np * NR);
+    }
+}
+
+int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, void *out,
+               int rows, int n, int k, int out_kind, int num_threads) {
+    if (rows <= 0 || n <= 0 || k <= 0) return -1;
+    const int num_panels = (n + NR - 1) / NR;
+    float *x32 = malloc((size_t)rows * k * sizeof(float));
+    float *partial = k > KC ? malloc((size_t)rows * num_panels * NR * sizeof(float)) : NULL;
+    if (!x32 || (k > KC && !partial)) {
+        free(x32), free(partial);
+        return -2;
+    }
+    gemm_args g = {x32, panels, bias, out, partial, rows, n, k, out_kind};
+    int mr_max, np;
+    block_shape(rows, &mr_max, &np);
+    const int groups = (num_panels + np - 1) / np;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (size_t i = 0; i < (size_t)rows * k; ++i) x32[i] = bf16_to_f32(x[i]);
+        /* (the for's barrier: every row is widened before any thread reads it) */
+        for (int k0 = 0; k0 < k; k0 += KC) {
+            const int kc = k - k0 < KC ? k - k0 : KC;
+#pragma omp for schedule(static) nowait
+            for (int gi = 0; gi < groups; ++gi) {
+                const int p0 = gi * np;
+                if (p0 + np <= num_panels) {
+                    panel_group(&g, p0, np, mr_max, k0, kc);
+                } else { /* the last, short group: one panel at a time */
+                    for (int p = p0; p < num_panels; ++p)
+                        panel_group(&g, p, 1, rows < MAX_MR ? rows : MAX_MR, k0, kc);
+                }
+            }
+        }
+    }
+    free(x32), free(partial);
+    return 0;
+}
+
+#else
+int panel_gemm_available(void) { return 0; }
+
+int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, void *out,
+               int rows, int n, int k, int out_kind, int num_threads) {
+    (void)x, (void)panels, (void)bias, (void)out, (void)rows, (void)n, (void)k, (void)out_kind,
+        (void)num_threads;
+    return -1;
+}
+#endif

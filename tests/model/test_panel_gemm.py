@@ -37,10 +37,11 @@ def test_pack_layout():
     assert not panels[1, :, 4:].any()  # columns past n are zero padding
 
 
-# rows: every block shape (1 x 4 panels, 2 x 3, 3 x 2, then blocks of 6 with 1-5 left over);
+# rows: every block shape (1 x 4 panels, 2 x 3, 3 x 2, then blocks of 6 with 1-5 left over),
+# and 130 > the 120 rows of a chunk;
 # 70 columns: 4 full panels and a short one (a short group too); 1000 > the kernel's 512 per pass.
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 11, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 11, 64, 130])
 @pytest.mark.parametrize("in_features", [8, 36, 1000])
 def test_matches_exact_product(rows, in_features, bias):
     x, weight, b, ref = _operands(rows, 70, in_features, bias)

@@ -254,12 +254,23 @@ static inline void widen_row(const char *src, int kind, int dim, float *dst) {
                                                             kind == KIND_E4M3));
 }
 
-/* Rows [start, start + n) of the K or V cache, widened into rows[TILE][dim]. */
-static inline void widen_tile(const task_args *a, const char *head, int start, int n, int kind,
-                              int dim, float *rows) {
+static inline __attribute__((always_inline)) void widen_rows(const task_args *a,
+                                                             const char *head, int start, int n,
+                                                             int kind, int dim, float *rows) {
     const size_t row_bytes = (size_t)dim * kind_bytes(kind);
     for (int j = 0; j < n; ++j)
         widen_row(head + row_offset(a, start + j, row_bytes), kind, dim, rows + j * dim);
+}
+
+/* Rows [start, start + n) of the K or V cache, widened into rows[TILE][dim]. A full tile (all
+ * but a context's last) gets a copy of each loop with a fixed trip count, unrolled: decode at
+ * short contexts is bound by this per-tile work, not by memory. */
+static inline void widen_tile(const task_args *a, const char *head, int start, int n, int kind,
+                              int dim, float *rows) {
+    if (n == TILE)
+        widen_rows(a, head, start, TILE, kind, dim, rows);
+    else
+        widen_rows(a, head, start, n, kind, dim, rows);
 }
 
 /* Rows [start, start + n) of an fp8 cache as bf16 rows[TILE][dim]: exact (bf16 has fp8's
@@ -283,8 +294,9 @@ static inline void narrow_tile(const task_args *a, const char *head, int start, 
 
 static inline int is_fp8(int kind) { return kind == KIND_E4M3 || kind == KIND_E5M2; }
 
-/* Raw q.k of query head g against the tile's n keys, widened to fp32 beforehand. */
-static inline vfloat dot_tile_f32(const float *qg, const float *keys, int n, int dim) {
+static inline __attribute__((always_inline)) vfloat dot_rows_f32(const float *qg,
+                                                                 const float *keys, int n,
+                                                                 int dim) {
     vfloat part[TILE];
     for (int j = 0; j < TILE; ++j) {
         vfloat dot = {0};
@@ -294,6 +306,12 @@ static inline vfloat dot_tile_f32(const float *qg, const float *keys, int n, int
         part[j] = dot;
     }
     return sum_each(part);
+}
+
+/* Raw q.k of query head g against the tile's n keys, widened to fp32 beforehand (a full tile:
+ * as widen_tile). */
+static inline vfloat dot_tile_f32(const float *qg, const float *keys, int n, int dim) {
+    return n == TILE ? dot_rows_f32(qg, keys, TILE, dim) : dot_rows_f32(qg, keys, n, dim);
 }
 
 #ifdef __AVX512BF16__
@@ -350,13 +368,23 @@ static inline vfloat fold_tile(vfloat dots, float scale, int first, int end, int
     return weights;
 }
 
-static inline void accumulate_tile(const float *values, vfloat weights, int n, int dim,
-                                   float *acc_g) {
+static inline __attribute__((always_inline)) void accumulate_rows(const float *values,
+                                                                  vfloat weights, int n, int dim,
+                                                                  float *acc_g) {
     for (int c = 0; c < dim; c += TILE) {
         vfloat acc = load_vec(acc_g + c);
         for (int j = 0; j < n; ++j) acc += weights[j] * load_vec(values + j * dim + c);
         store_vec(acc_g + c, acc);
     }
+}
+
+/* acc_g += the tile's n value rows weighted by `weights` (a full tile: as widen_tile). */
+static inline void accumulate_tile(const float *values, vfloat weights, int n, int dim,
+                                   float *acc_g) {
+    if (n == TILE)
+        accumulate_rows(values, weights, TILE, dim, acc_g);
+    else
+        accumulate_rows(values, weights, n, dim, acc_g);
 }
 
 static inline void load_queries(const task_args *a, int t, int bf16, int dim, float *qf) {

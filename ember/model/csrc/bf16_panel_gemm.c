@@ -21,7 +21,8 @@
 #include "bf16.h"
 
 #define NR 16 /* columns per panel: two vectors of 8 fp32 */
-#define KC 512 /* k per pass: a pass's rows of x stay in L2 across the thread's panels */
+#define KC 512 /* k per pass and rows per chunk: a chunk's x (240 KB of fp32) stays in L2 */
+#define MC 120 /* while the thread's panels pass over it; a multiple of the 6-row block */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -153,15 +154,16 @@ static void store_block(const gemm_args *g, const float *sums, size_t ldc, int r
     }
 }
 
-/* Panels [p0, p0 + np) against every row of x over k range [k0, k0 + kc): the sums of earlier
- * passes come from `partial`, and go back there unless this is the last pass. */
-static void panel_group(const gemm_args *g, int p0, int np, int mr_max, int k0, int kc) {
+/* Panels [p0, p0 + np) against rows [m0, m1) of x over k range [k0, k0 + kc): the sums of
+ * earlier passes come from `partial`, and go back there unless this is the last pass. */
+static void panel_group(const gemm_args *g, int p0, int np, int mr_max, int m0, int m1, int k0,
+                        int kc) {
     const size_t panel_stride = (size_t)g->k * NR;
     const size_t ld_partial = (size_t)((g->n + NR - 1) / NR) * NR;
     const int last = k0 + kc == g->k;
     float block[MAX_MR * MAX_NP * NR];
-    for (int r0 = 0; r0 < g->rows; r0 += mr_max) {
-        const int mr = g->rows - r0 < mr_max ? g->rows - r0 : mr_max;
+    for (int r0 = m0; r0 < m1; r0 += mr_max) {
+        const int mr = m1 - r0 < mr_max ? m1 - r0 : mr_max;
         float *partial = g->partial ? g->partial + (size_t)r0 * ld_partial + (size_t)p0 * NR : NULL;
         pick_kernel(mr, np)(g->x + (size_t)r0 * g->k + k0, (size_t)g->k,
                             g->panels + (size_t)p0 * panel_stride + (size_t)k0 * NR, panel_stride,
@@ -190,16 +192,21 @@ int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, 
 #pragma omp for schedule(static)
         for (size_t i = 0; i < (size_t)rows * k; ++i) x32[i] = bf16_to_f32(x[i]);
         /* (the for's barrier: every row is widened before any thread reads it) */
-        for (int k0 = 0; k0 < k; k0 += KC) {
-            const int kc = k - k0 < KC ? k - k0 : KC;
+        /* Static schedules of the same loop give each thread the same panels every time, so
+         * the partial sums a thread reads back are its own: no barrier between passes. */
+        for (int m0 = 0; m0 < rows; m0 += MC) {
+            const int m1 = rows - m0 < MC ? rows : m0 + MC;
+            for (int k0 = 0; k0 < k; k0 += KC) {
+                const int kc = k - k0 < KC ? k - k0 : KC;
 #pragma omp for schedule(static) nowait
-            for (int gi = 0; gi < groups; ++gi) {
-                const int p0 = gi * np;
-                if (p0 + np <= num_panels) {
-                    panel_group(&g, p0, np, mr_max, k0, kc);
-                } else { /* the last, short group: one panel at a time */
-                    for (int p = p0; p < num_panels; ++p)
-                        panel_group(&g, p, 1, rows < MAX_MR ? rows : MAX_MR, k0, kc);
+                for (int gi = 0; gi < groups; ++gi) {
+                    const int p0 = gi * np;
+                    if (p0 + np <= num_panels) {
+                        panel_group(&g, p0, np, mr_max, m0, m1, k0, kc);
+                    } else { /* the last, short group: one panel at a time */
+                        for (int p = p0; p < num_panels; ++p)
+                            panel_group(&g, p, 1, mr_max, m0, m1, k0, kc);
+                    }
                 }
             }
         }

@@ -12,6 +12,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ember.envs import cache_dir
@@ -62,3 +63,17 @@ def _build(out: Path, source: bytes, compile_flags: list[str], link_flags: list[
         subprocess.run([compiler, *link_flags, str(obj), "-o", str(lib), "-lm"],
                        check=True, capture_output=True, timeout=120)
         os.replace(lib, out)  # atomic: concurrent builders never see half a library
+
+
+# The flags of ember's CPU kernels. -ffast-math only when compiling: linked with it, gcc adds
+# crtfastmath.o, whose loading turns on flush-to-zero for the whole process (user code too).
+KERNEL_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+KERNEL_LINK_FLAGS = ("-shared", "-fopenmp")
+
+
+def load_cpu_kernel(name: str, source: Path,
+                    extra_flags: Sequence[str] = ()) -> ctypes.CDLL | None:
+    """`source` built for this CPU (-march=native, -ffast-math, OpenMP; cached per CPU), or None
+    with a warning where it cannot be built."""
+    return load_c_library(name, source.read_bytes(), [*KERNEL_FLAGS, *extra_flags],
+                          list(KERNEL_LINK_FLAGS), cpu_signature().encode())

@@ -13,13 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ember.native import cpu_signature, load_c_library
+from ember.native import load_cpu_kernel
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-# NOTE: linked in a second step without -ffast-math: with it, gcc links crtfastmath.o into the
-# library, whose loading turns on flush-to-zero for the whole process (user code included).
-_LINK_FLAGS = ["-shared", "-fopenmp"]
 _IO_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 _CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2,
                 torch.float8_e5m2: 3}
@@ -30,8 +26,7 @@ def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (logged) when it cannot be built here."""
     if platform.system() != "Linux":
         return None
-    lib = load_c_library("paged_attention", _SOURCE.read_bytes(), _FLAGS, _LINK_FLAGS,
-                         cpu_signature().encode())
+    lib = load_cpu_kernel("paged_attention", _SOURCE)
     if lib is None:
         return None
     for name in ("paged_attention", "write_kv"):

@@ -15,20 +15,18 @@ from pathlib import Path
 
 import torch
 
-from ember.native import cpu_signature, load_c_library
+from ember.native import load_cpu_kernel
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.c"
 # -ffp-contract=off: no fused multiply-adds, so each product rounds as PyTorch's does.
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-ffp-contract=off", "-fopenmp", "-fPIC"]
-_LINK_FLAGS = ["-shared", "-fopenmp"]  # not -ffast-math: see ember/attention/cpu_kernel.py
+_EXTRA_FLAGS = ["-ffp-contract=off"]
 _KIND = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @cache
 def load_library() -> ctypes.CDLL | None:
     """The compiled ops, or None (logged) where no C compiler is available."""
-    lib = load_c_library("cpu_ops", _SOURCE.read_bytes(), _FLAGS, _LINK_FLAGS,
-                         cpu_signature().encode())
+    lib = load_cpu_kernel("cpu_ops", _SOURCE, _EXTRA_FLAGS)
     if lib is not None:
         for fn in (lib.rms_norm, lib.apply_rope):
             fn.restype = None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ember.native import cpu_signature, load_c_library
+from ember.native import load_cpu_kernel
 
 PANEL = 16  # output columns per panel
 # A panel's columns in memory: the order the kernel's 128-bit-lane unpacks put back in place.
@@ -20,14 +20,11 @@ _PANEL_ORDER = (0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15)
 _OUT_KINDS = {torch.bfloat16: 0, torch.float32: 1}
 
 _SOURCE = Path(__file__).parent / "csrc" / "bf16_panel_gemm.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-_LINK_FLAGS = ["-shared", "-fopenmp"]  # not -ffast-math: see ember/attention/cpu_kernel.py
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    lib = load_c_library("bf16_panel_gemm", _SOURCE.read_bytes(), _FLAGS, _LINK_FLAGS,
-                         cpu_signature().encode())
+    lib = load_cpu_kernel("bf16_panel_gemm", _SOURCE)
     if lib is None or not lib.panel_gemm_available():
         return None
     lib.panel_gemm.restype = ctypes.c_int

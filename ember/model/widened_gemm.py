@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ember.native import cpu_signature, load_c_library
+from ember.native import load_cpu_kernel
 
 GEMV_MAX_ROWS = 80  # the C loop beats widened slices up to ~64-96 rows (2-core Zen 3)
 WIDEN_MIN_ROWS = 16  # without the C loop (fp16, no compiler): widening beats F.linear from here
@@ -27,14 +27,11 @@ SLICE_BYTES = 2 << 20  # fp32 bytes of weight widened at a time
 _GEMV_LANES = 8  # the C loop needs in_features a multiple of this
 
 _SOURCE = Path(__file__).parent / "csrc" / "bf16_gemv.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-_LINK_FLAGS = ["-shared", "-fopenmp"]  # not -ffast-math: see ember/attention/cpu_kernel.py
 
 
 @cache
 def _gemv_library() -> ctypes.CDLL | None:
-    lib = load_c_library("bf16_gemv", _SOURCE.read_bytes(), _FLAGS, _LINK_FLAGS,
-                         cpu_signature().encode())
+    lib = load_cpu_kernel("bf16_gemv", _SOURCE)
     if lib is not None:
         lib.bf16_gemv.restype = ctypes.c_int
     return lib

@@ -14,7 +14,7 @@ import torch
 
 from ember.attention import cpu_kernel
 from ember.attention.cpu_kernel import load_kernel, paged_attention
-from ember.native import load_c_library
+from ember.native import load_cpu_kernel
 
 
 def test_loading_the_kernel_keeps_subnormals():
@@ -62,9 +62,8 @@ def kernel(request):
     if request.param in _X86_BUILDS:
         if platform.machine() != "x86_64":
             pytest.skip(f"{_X86_BUILDS[request.param]} are x86 flags")
-        lib = load_c_library(f"paged_attention_{request.param}", cpu_kernel._SOURCE.read_bytes(),
-                             [*cpu_kernel._FLAGS, *_X86_BUILDS[request.param]],
-                             cpu_kernel._LINK_FLAGS)
+        lib = load_cpu_kernel(f"paged_attention_{request.param}", cpu_kernel._SOURCE,
+                              _X86_BUILDS[request.param])
         assert lib is not None
         lib.paged_attention.restype = ctypes.c_int
     return lib

@@ -15,6 +15,7 @@ from pathlib import Path
 from ember.bench.compress.cli import add_compress_bench_parser, add_resident_bench_parser
 from ember.bench.disagg import add_disagg_parser
 from ember.bench.fleet_sim.cli import add_fleet_sim_parser
+from ember.bench.gemm import add_gemm_parser
 from ember.bench.gpu_decode import add_gpu_bench_parser
 from ember.bench.kv_transfer import add_kv_transfer_parser
 from ember.bench.models import MODEL_SIZES, build_bench_model
@@ -132,6 +133,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     eff.add_argument("--out", type=Path, default=_default_out(), help="Directory for results.")
     eff.set_defaults(func=cmd_efficiency)
 
+    add_gemm_parser(sub)
     add_serve_parser(sub)
     _add_serve_compare_parser(sub)
     _add_http_overhead_parser(sub)

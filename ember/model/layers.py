@@ -78,8 +78,9 @@ class Linear(nn.Module):
     On the CPU, `prepack_cpu()` swaps in a oneDNN-packed copy of a bf16 or fp32 weight: 1.2-2.5x
     faster GEMMs (F.linear repacks a bf16 weight on every call, and runs fp32 through another
     BLAS); bf16 results are bit-identical, fp32 ones differ in the order of the sums. Where oneDNN
-    has no bf16 kernels (AVX2), a bf16 weight is packed into panel_gemm.py's column panels
-    instead, and an fp16 or unpackable one goes through widened_gemm.py.
+    has no bf16 or fp16 kernels (AVX2), such a weight is packed into panel_gemm.py's column
+    panels instead; one that cannot be packed (refilled per layer, or no AVX2 kernel) goes
+    through widened_gemm.py.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -107,19 +108,20 @@ class Linear(nn.Module):
     def forward_float32(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x).float(), in one pass where the kernel can write float32 itself."""
         if self.panels is not None:
-            return panel_gemm.linear(x, self.panels, self.bias, self.out_features, torch.float32)
+            return panel_gemm.linear(x, self.panels, self.bias, self.out_features,
+                                     out_float32=True)
         return self(x).float()
 
     def prepack_cpu(self) -> bool:
-        """Pack a bf16 or fp32 CPU weight for oneDNN and drop this module's plain copy (a tied
-        embedding keeps its own); a bf16 or fp16 weight that oneDNN cannot run is routed
-        through widened_gemm.py instead. Returns whether the weight was packed."""
+        """Pack a bf16 or fp32 CPU weight for oneDNN, or a bf16 or fp16 one that oneDNN cannot
+        run into column panels (panel_gemm.py), and drop this module's plain copy (a tied
+        embedding keeps its own); an unpackable 16-bit weight is routed through
+        widened_gemm.py. Returns whether the weight was packed."""
         weight = self.weight
         if weight.device.type != "cpu":
             return False
-        if weight.dtype == torch.float16 and not onednn_fp16_supported():
-            self.widen_half = True
-        if weight.dtype == torch.bfloat16 and not onednn_bf16_supported():
+        onednn_half = {torch.bfloat16: onednn_bf16_supported, torch.float16: onednn_fp16_supported}
+        if weight.dtype in onednn_half and not onednn_half[weight.dtype]():
             if self.resident_weight or not panel_gemm.available():
                 self.widen_half = True
                 return False

@@ -108,19 +108,21 @@ def test_prepack_cpu_packs_bf16_linears(bf16_model_dir):
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the panel kernel needs AVX2")
-def test_panel_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
-    """The AVX2 path, forced on any x86 CPU: the same logits as bf16 F.linear up to rounding,
-    and the lm_head's float32 logits exactly its bf16 ones widened."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_panel_linears_match_plain_logits(bf16_model_dir, monkeypatch, dtype):
+    """The AVX2 path, forced on any x86 CPU: the same logits as 16-bit F.linear up to rounding,
+    and the lm_head's float32 logits exactly its 16-bit ones widened."""
     from ember.model import layers
     from ember.model.loader import load_model
 
     monkeypatch.setattr(layers, "onednn_bf16_supported", lambda: False)
-    plain = _logits(*load_model(bf16_model_dir))
-    model, info = load_model(bf16_model_dir)
+    monkeypatch.setattr(layers, "onednn_fp16_supported", lambda: False)
+    plain = _logits(*load_model(bf16_model_dir, dtype))
+    model, info = load_model(bf16_model_dir, dtype)
     assert model.prepack_cpu() == sum(isinstance(m, layers.Linear) for m in model.modules())
     assert model.lm_head.panels is not None
     torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
-    hidden = torch.randn(5, info.hidden_size).bfloat16()
+    hidden = torch.randn(5, info.hidden_size).to(info.dtype)
     assert torch.equal(model.compute_logits(hidden), model.lm_head(hidden).float())
 
 
@@ -139,18 +141,27 @@ def test_widened_bf16_linears_match_plain_logits(bf16_model_dir, monkeypatch):
     torch.testing.assert_close(_logits(model, info), plain, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("panels", [True, False])
 @pytest.mark.parametrize("rows", [3, 20])
-def test_fp16_linear_without_onednn_fp16_is_widened(monkeypatch, rows):
-    from ember.model import layers
+def test_fp16_linear_without_onednn_fp16(monkeypatch, rows, panels):
+    """Packed into panels where the AVX2 kernel is (else, or for a weight refilled per layer,
+    widened): either way within fp16 rounding of the exact product."""
+    from ember.model import layers, panel_gemm
 
     monkeypatch.setattr(layers, "onednn_fp16_supported", lambda: False)
+    if not panels:
+        monkeypatch.setattr(panel_gemm, "available", lambda: False)
+    elif platform.machine() != "x86_64":
+        pytest.skip("the panel kernel needs AVX2")
     linear = layers.Linear(48, 24, True, torch.float16, "cpu")
     with torch.no_grad():
         linear.weight.normal_()
         linear.bias.normal_()
-    assert linear.prepack_cpu() is False and linear.widen_half
+    ref_weight = linear.weight.detach().double()
+    assert linear.prepack_cpu() is panels
+    assert (linear.panels is not None) is panels and linear.widen_half is not panels
     x = torch.randn(rows, 48).half()
-    ref = x.double() @ linear.weight.double().t() + linear.bias.double()
+    ref = x.double() @ ref_weight.t() + linear.bias.double()
     torch.testing.assert_close(linear(x).double(), ref, rtol=2 ** -10, atol=1e-4)
 
 

@@ -1,18 +1,20 @@
-/* y = x W^T (+ b) with bf16 weights packed into column panels, for AVX2 CPUs whose oneDNN has
- * no bf16 GEMM. Built at run time by ember/model/panel_gemm.py, which also packs the weights.
+/* y = x W^T (+ b) with bf16 or fp16 weights packed into column panels, for AVX2 CPUs whose
+ * oneDNN has no bf16/fp16 GEMM. Built at run time by ember/model/panel_gemm.py, which also
+ * packs the weights.
  *
- * A panel is 16 output columns of W stored k-major, [k][16] bf16: the 16 weights that one
+ * A panel is 16 output columns of W stored k-major, [k][16] 16-bit: the 16 weights that one
  * element of x meets are 32 contiguous bytes. The kernel keeps an MR x 16 block of fp32 sums
- * in registers; for each k it widens the panel's 16 weights with two unpacks against zero
- * (bf16 is the top half of an fp32), broadcasts MR elements of x and issues 2 MR FMAs, so no
- * horizontal sum and no per-row re-widening is needed (unlike bf16_gemv.c). Within a panel
- * the columns are stored in the order the 128-bit-lane unpacks produce (0-3, 8-11, 4-7, 12-15),
- * so the two widened vectors hold columns 0-7 and 8-15.
+ * in registers; for each k it widens the panel's 16 weights (bf16: two unpacks against zero,
+ * bf16 being the top half of an fp32; fp16: F16C's conversion), broadcasts MR elements of x
+ * and issues 2 MR FMAs, so no horizontal sum and no per-row re-widening is needed (unlike
+ * bf16_gemv.c). Within a bf16 panel the columns are stored in the order the 128-bit-lane
+ * unpacks produce (0-3, 8-11, 4-7, 12-15), so the two widened vectors hold columns 0-7 and
+ * 8-15; an fp16 panel is in column order.
  *
  * With few rows one panel gives too few independent sums to hide the FMA latency, so 1, 2 and
- * 3 rows take 4, 3 and 2 panels at once. Products of the bf16 values are summed in fp32 and
- * rounded once, as a bf16 GEMM does; out_kind 1 writes that rounded value as fp32 (the
- * logits' `.float()` without a second pass).
+ * 3 rows take 4, 3 and 2 panels at once. Products of the 16-bit values are summed in fp32 and
+ * rounded once to the weights' dtype, as a bf16/fp16 GEMM does; `out_f32` writes that rounded
+ * value as fp32 (the logits' `.float()` without a second pass).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,13 +26,18 @@
 #define KC 512 /* k per pass and rows per chunk: a chunk's x (240 KB of fp32) stays in L2 */
 #define MC 120 /* while the thread's panels pass over it; a multiple of the 6-row block */
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
 int panel_gemm_available(void) { return 1; }
 
-/* The 16 bf16 weights at p as fp32: columns 0-7 and 8-15 of the panel. */
-static inline void widen_panel_row(const uint16_t *p, __m256 *lo, __m256 *hi) {
+/* The 16 weights at p as fp32: columns 0-7 and 8-15 of the panel. */
+static inline void widen_panel_row(const uint16_t *p, int fp16, __m256 *lo, __m256 *hi) {
+    if (fp16) {
+        *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+        return;
+    }
     const __m256i v = _mm256_loadu_si256((const __m256i *)p);
     const __m256i zero = _mm256_setzero_si256();
     *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
@@ -42,8 +49,8 @@ static inline void widen_panel_row(const uint16_t *p, __m256 *lo, __m256 *hi) {
 /* UNROLLED: fully unrolled before GCC's scalar replacement of `acc`, which otherwise keeps a copy
  * of every accumulator on the stack and stores it after each FMA. */
 #define UNROLLED _Pragma("GCC unroll 16")
-#define DEFINE_KERNEL(MR, NP)                                                                 \
-    static void kernel_##MR##_##NP(const float *x, size_t ldx, const uint16_t *w,             \
+#define DEFINE_KERNEL(MR, NP, FP16)                                                           \
+    static void kernel_##MR##_##NP##_##FP16(const float *x, size_t ldx, const uint16_t *w,             \
                                    size_t panel_stride, int kc, const float *init,            \
                                    size_t ld_init, float *sums, size_t ld_sums) {             \
         __m256 acc[MR][2 * NP];                                                               \
@@ -54,7 +61,7 @@ static inline void widen_panel_row(const uint16_t *p, __m256 *lo, __m256 *hi) {
         for (int c = 0; c < kc; ++c) {                                                        \
             UNROLLED for (int p = 0; p < NP; ++p) {                                           \
                 __m256 lo, hi;                                                                \
-                widen_panel_row(w + p * panel_stride + (size_t)c * NR, &lo, &hi);             \
+                widen_panel_row(w + p * panel_stride + (size_t)c * NR, FP16, &lo, &hi);             \
                 UNROLLED for (int r = 0; r < MR; ++r) {                                       \
                     const __m256 xv = _mm256_broadcast_ss(x + r * ldx + c);                   \
                     acc[r][2 * p] = _mm256_fmadd_ps(xv, lo, acc[r][2 * p]);                   \
@@ -66,15 +73,16 @@ static inline void widen_panel_row(const uint16_t *p, __m256 *lo, __m256 *hi) {
             UNROLLED for (int j = 0; j < 2 * NP; ++j)                                         \
                 _mm256_storeu_ps(sums + r * ld_sums + 8 * j, acc[r][j]);                      \
     }
-DEFINE_KERNEL(1, 4)
-DEFINE_KERNEL(2, 3)
-DEFINE_KERNEL(3, 2)
-DEFINE_KERNEL(1, 1)
-DEFINE_KERNEL(2, 1)
-DEFINE_KERNEL(3, 1)
-DEFINE_KERNEL(4, 1)
-DEFINE_KERNEL(5, 1)
-DEFINE_KERNEL(6, 1)
+#define DEFINE_KERNELS(MR, NP) DEFINE_KERNEL(MR, NP, 0) DEFINE_KERNEL(MR, NP, 1)
+DEFINE_KERNELS(1, 4)
+DEFINE_KERNELS(2, 3)
+DEFINE_KERNELS(3, 2)
+DEFINE_KERNELS(1, 1)
+DEFINE_KERNELS(2, 1)
+DEFINE_KERNELS(3, 1)
+DEFINE_KERNELS(4, 1)
+DEFINE_KERNELS(5, 1)
+DEFINE_KERNELS(6, 1)
 
 typedef void (*kernel_fn)(const float *, size_t, const uint16_t *, size_t, int, const float *,
                           size_t, float *, size_t);
@@ -88,22 +96,22 @@ static void block_shape(int rows, int *mr, int *np) {
     *np = rows == 1 ? 4 : rows == 2 ? 3 : rows == 3 ? 2 : 1;
 }
 
-static kernel_fn pick_kernel(int mr, int np) {
-    if (np == 4) return kernel_1_4;
-    if (np == 3) return kernel_2_3;
-    if (np == 2) return kernel_3_2;
-    static const kernel_fn one_panel[MAX_MR + 1] = {NULL,       kernel_1_1, kernel_2_1, kernel_3_1,
-                                                    kernel_4_1, kernel_5_1, kernel_6_1};
-    return one_panel[mr];
+static kernel_fn pick_kernel(int mr, int np, int fp16) {
+    static const kernel_fn multi_panel[2][3] = {{kernel_3_2_0, kernel_2_3_0, kernel_1_4_0},
+                                                {kernel_3_2_1, kernel_2_3_1, kernel_1_4_1}};
+    static const kernel_fn one_panel[2][MAX_MR + 1] = {
+        {NULL, kernel_1_1_0, kernel_2_1_0, kernel_3_1_0, kernel_4_1_0, kernel_5_1_0, kernel_6_1_0},
+        {NULL, kernel_1_1_1, kernel_2_1_1, kernel_3_1_1, kernel_4_1_1, kernel_5_1_1, kernel_6_1_1}};
+    return np > 1 ? multi_panel[fp16][np - 2] : one_panel[fp16][mr];
 }
 
 typedef struct {
     const float *x;          /* [rows, k] fp32 */
-    const uint16_t *panels;  /* [num_panels, k, 16] */
-    const uint16_t *bias;    /* [n] or NULL */
-    void *out;               /* [rows, n] bf16, or fp32 when out_kind is 1 */
+    const uint16_t *panels;  /* [num_panels, k, 16] bf16 or fp16 */
+    const uint16_t *bias;    /* [n] in the weights' dtype, or NULL */
+    void *out;               /* [rows, n] in the weights' dtype, or fp32 when out_f32 */
     float *partial;          /* [rows, num_panels * 16] fp32 sums between passes, k > KC only */
-    int rows, n, k, out_kind;
+    int rows, n, k, fp16, out_f32;
 } gemm_args;
 
 /* f32_to_bf16 on 8 lanes: each lane's bf16 bits in its low half. */
@@ -118,23 +126,39 @@ static inline __m256i round_to_bf16(__m256 v) {
     return _mm256_blendv_epi8(nearest, quiet_nan, is_nan);
 }
 
-/* 8 sums (+ bias) of one row, rounded to bf16, into out at element `at`. */
-static inline void store_8(const gemm_args *g, __m256 sums, int col, size_t at) {
-    if (g->bias) {
-        __m256 b;
-        widen_bf16x8(g->bias + col, &b);
-        sums = _mm256_add_ps(sums, b);
-    }
-    const __m256i bits = round_to_bf16(sums);
-    if (g->out_kind) {
-        _mm256_storeu_ps((float *)g->out + at, _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16)));
-    } else {
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xD8);
-        _mm_storeu_si128((__m128i *)((uint16_t *)g->out + at), _mm256_castsi256_si128(packed));
-    }
+static inline float to_f32(uint16_t h, int fp16) { return fp16 ? _cvtsh_ss(h) : bf16_to_f32(h); }
+
+static inline uint16_t from_f32(float f, int fp16) {
+    return fp16 ? _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT) : f32_to_bf16(f);
 }
 
-/* A finished block's sums + bias, rounded to bf16, into out (columns past n are padding). */
+/* 8 16-bit values as fp32. */
+static inline __m256 widen_8(__m128i h, int fp16) {
+    return fp16 ? _mm256_cvtph_ps(h)
+                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* 8 fp32 values rounded to the weights' 16-bit dtype (nearest, ties to even). */
+static inline __m128i narrow_8(__m256 v, int fp16) {
+    if (fp16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+    const __m256i bits = round_to_bf16(v);
+    return _mm256_castsi256_si128(
+        _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xD8));
+}
+
+/* 8 sums (+ bias) of one row, rounded to the weights' dtype, into out at element `at`. */
+static inline void store_8(const gemm_args *g, __m256 sums, int col, size_t at) {
+    if (g->bias)
+        sums = _mm256_add_ps(sums, widen_8(_mm_loadu_si128((const __m128i *)(g->bias + col)),
+                                           g->fp16));
+    const __m128i y = narrow_8(sums, g->fp16);
+    if (g->out_f32)
+        _mm256_storeu_ps((float *)g->out + at, widen_8(y, g->fp16));
+    else
+        _mm_storeu_si128((__m128i *)((uint16_t *)g->out + at), y);
+}
+
+/* A finished block's sums + bias, rounded, into out (columns past n are padding). */
 static void store_block(const gemm_args *g, const float *sums, size_t ldc, int r0, int mr,
                         int col0, int cols) {
     for (int r = 0; r < mr; ++r) {
@@ -144,10 +168,10 @@ static void store_block(const gemm_args *g, const float *sums, size_t ldc, int r
             store_8(g, _mm256_loadu_ps(sums + r * ldc + j), col0 + j, row + col0 + j);
         for (; j < cols && col0 + j < g->n; ++j) {
             const int col = col0 + j;
-            const float b = g->bias ? bf16_to_f32(g->bias[col]) : 0.f;
-            const uint16_t y = f32_to_bf16(sums[r * ldc + j] + b);
-            if (g->out_kind)
-                ((float *)g->out)[row + col] = bf16_to_f32(y);
+            const float b = g->bias ? to_f32(g->bias[col], g->fp16) : 0.f;
+            const uint16_t y = from_f32(sums[r * ldc + j] + b, g->fp16);
+            if (g->out_f32)
+                ((float *)g->out)[row + col] = to_f32(y, g->fp16);
             else
                 ((uint16_t *)g->out)[row + col] = y;
         }
@@ -165,7 +189,7 @@ static void panel_group(const gemm_args *g, int p0, int np, int mr_max, int m0, 
     for (int r0 = m0; r0 < m1; r0 += mr_max) {
         const int mr = m1 - r0 < mr_max ? m1 - r0 : mr_max;
         float *partial = g->partial ? g->partial + (size_t)r0 * ld_partial + (size_t)p0 * NR : NULL;
-        pick_kernel(mr, np)(g->x + (size_t)r0 * g->k + k0, (size_t)g->k,
+        pick_kernel(mr, np, g->fp16)(g->x + (size_t)r0 * g->k + k0, (size_t)g->k,
                             g->panels + (size_t)p0 * panel_stride + (size_t)k0 * NR, panel_stride,
                             kc, k0 ? partial : NULL, ld_partial, last ? block : partial,
                             last ? (size_t)np * NR : ld_partial);
@@ -173,8 +197,9 @@ static void panel_group(const gemm_args *g, int p0, int np, int mr_max, int m0, 
     }
 }
 
+/* x: [rows, k] and bias: [n] (or NULL) in the weights' dtype, bf16 or fp16 (`fp16`). */
 int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, void *out,
-               int rows, int n, int k, int out_kind, int num_threads) {
+               int rows, int n, int k, int fp16, int out_f32, int num_threads) {
     if (rows <= 0 || n <= 0 || k <= 0) return -1;
     const int num_panels = (n + NR - 1) / NR;
     float *x32 = malloc((size_t)rows * k * sizeof(float));
@@ -183,14 +208,14 @@ int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, 
         free(x32), free(partial);
         return -2;
     }
-    gemm_args g = {x32, panels, bias, out, partial, rows, n, k, out_kind};
+    gemm_args g = {x32, panels, bias, out, partial, rows, n, k, fp16, out_f32};
     int mr_max, np;
     block_shape(rows, &mr_max, &np);
     const int groups = (num_panels + np - 1) / np;
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(static)
-        for (size_t i = 0; i < (size_t)rows * k; ++i) x32[i] = bf16_to_f32(x[i]);
+        for (size_t i = 0; i < (size_t)rows * k; ++i) x32[i] = to_f32(x[i], fp16);
         /* (the for's barrier: every row is widened before any thread reads it) */
         /* Static schedules of the same loop give each thread the same panels every time, so
          * the partial sums a thread reads back are its own: no barrier between passes. */
@@ -219,9 +244,9 @@ int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, 
 int panel_gemm_available(void) { return 0; }
 
 int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, void *out,
-               int rows, int n, int k, int out_kind, int num_threads) {
-    (void)x, (void)panels, (void)bias, (void)out, (void)rows, (void)n, (void)k, (void)out_kind,
-        (void)num_threads;
+               int rows, int n, int k, int fp16, int out_f32, int num_threads) {
+    (void)x, (void)panels, (void)bias, (void)out, (void)rows, (void)n, (void)k, (void)fp16,
+        (void)out_f32, (void)num_threads;
     return -1;
 }
 #endif

@@ -46,12 +46,13 @@ def test_pack_layout():
 
 
 # rows: every block shape (1 x 4 panels, 2 x 3, 3 x 2, then blocks of 6 with 1-5 left over),
-# and 130 > the 120 rows of a chunk;
-# 70 columns: 4 full panels and a short one (a short group too); 1000 > the kernel's 512 per pass.
+# and 64 / 130 rows span several row chunks at k = 1000 (60 rows each) and 5000 (24);
+# 70 columns: 4 full panels and a short one (a short group too); 5000 > the kernel's 4096 per
+# pass, so its sums go through two passes.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 11, 64, 130])
-@pytest.mark.parametrize("in_features", [8, 36, 1000])
+@pytest.mark.parametrize("in_features", [8, 36, 1000, 5000])
 def test_matches_exact_product(rows, in_features, bias, dtype):
     x, weight, b, ref = _operands(rows, 70, in_features, bias, dtype)
     out = panel_gemm.linear(x, panel_gemm.pack(weight), b, 70)

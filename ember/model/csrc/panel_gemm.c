@@ -23,8 +23,11 @@
 #include "bf16.h"
 
 #define NR 16 /* columns per panel: two vectors of 8 fp32 */
-#define KC 512 /* k per pass and rows per chunk: a chunk's x (240 KB of fp32) stays in L2 */
-#define MC 120 /* while the thread's panels pass over it; a multiple of the 6-row block */
+/* k per pass: a longer k takes several passes, their partial sums round-tripping through memory
+ * (each block then starts on a cache miss, ~20% at k = 1024 with two passes of 512). */
+#define KC_MAX 4096
+/* fp32 x of one row chunk, which stays in L2 while the thread's panels pass over it. */
+#define X_CHUNK_BYTES (240 * 1024)
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -45,12 +48,13 @@ static inline void widen_panel_row(const uint16_t *p, int fp16, __m256 *lo, __m2
 }
 
 /* sums[r][16 p + j] = init[r][16 p + j] + x[r] . column j of panel p over kc, for MR rows of x
- * (row stride ldx) and NP panels (panel stride in elements); `init` NULL counts as zeros. */
+ * (packed k-major: x[c * MR + r]) and NP panels (panel stride in elements); `init` NULL counts
+ * as zeros. */
 /* UNROLLED: fully unrolled before GCC's scalar replacement of `acc`, which otherwise keeps a copy
  * of every accumulator on the stack and stores it after each FMA. */
 #define UNROLLED _Pragma("GCC unroll 16")
 #define DEFINE_KERNEL(MR, NP, FP16)                                                           \
-    static void kernel_##MR##_##NP##_##FP16(const float *x, size_t ldx, const uint16_t *w,             \
+    static void kernel_##MR##_##NP##_##FP16(const float *x, const uint16_t *w,              \
                                    size_t panel_stride, int kc, const float *init,            \
                                    size_t ld_init, float *sums, size_t ld_sums) {             \
         __m256 acc[MR][2 * NP];                                                               \
@@ -63,7 +67,7 @@ static inline void widen_panel_row(const uint16_t *p, int fp16, __m256 *lo, __m2
                 __m256 lo, hi;                                                                \
                 widen_panel_row(w + p * panel_stride + (size_t)c * NR, FP16, &lo, &hi);             \
                 UNROLLED for (int r = 0; r < MR; ++r) {                                       \
-                    const __m256 xv = _mm256_broadcast_ss(x + r * ldx + c);                   \
+                    const __m256 xv = _mm256_broadcast_ss(x + (size_t)c * MR + r);          \
                     acc[r][2 * p] = _mm256_fmadd_ps(xv, lo, acc[r][2 * p]);                   \
                     acc[r][2 * p + 1] = _mm256_fmadd_ps(xv, hi, acc[r][2 * p + 1]);           \
                 }                                                                             \
@@ -84,8 +88,8 @@ DEFINE_KERNELS(4, 1)
 DEFINE_KERNELS(5, 1)
 DEFINE_KERNELS(6, 1)
 
-typedef void (*kernel_fn)(const float *, size_t, const uint16_t *, size_t, int, const float *,
-                          size_t, float *, size_t);
+typedef void (*kernel_fn)(const float *, const uint16_t *, size_t, int, const float *, size_t,
+                          float *, size_t);
 
 #define MAX_MR 6
 #define MAX_NP 4
@@ -106,11 +110,11 @@ static kernel_fn pick_kernel(int mr, int np, int fp16) {
 }
 
 typedef struct {
-    const float *x;          /* [rows, k] fp32 */
+    const float *x;          /* fp32, packed by row block: block r0 is [k][mr] at x + r0 k */
     const uint16_t *panels;  /* [num_panels, k, 16] bf16 or fp16 */
     const uint16_t *bias;    /* [n] in the weights' dtype, or NULL */
     void *out;               /* [rows, n] in the weights' dtype, or fp32 when out_f32 */
-    float *partial;          /* [rows, num_panels * 16] fp32 sums between passes, k > KC only */
+    float *partial;          /* [rows, num_panels * 16] fp32 sums between passes, k > KC_MAX only */
     int rows, n, k, fp16, out_f32;
 } gemm_args;
 
@@ -189,11 +193,28 @@ static void panel_group(const gemm_args *g, int p0, int np, int mr_max, int m0, 
     for (int r0 = m0; r0 < m1; r0 += mr_max) {
         const int mr = m1 - r0 < mr_max ? m1 - r0 : mr_max;
         float *partial = g->partial ? g->partial + (size_t)r0 * ld_partial + (size_t)p0 * NR : NULL;
-        pick_kernel(mr, np, g->fp16)(g->x + (size_t)r0 * g->k + k0, (size_t)g->k,
+        pick_kernel(mr, np, g->fp16)(g->x + (size_t)r0 * g->k + (size_t)k0 * mr,
                             g->panels + (size_t)p0 * panel_stride + (size_t)k0 * NR, panel_stride,
                             kc, k0 ? partial : NULL, ld_partial, last ? block : partial,
                             last ? (size_t)np * NR : ld_partial);
         if (last) store_block(g, block, (size_t)np * NR, r0, mr, p0 * NR, np * NR);
+    }
+}
+
+/* k per pass (even passes of at most KC_MAX) and rows per chunk (a multiple of the block). */
+static void chunk_shape(int k, int mr_max, int *kc, int *mc) {
+    const int passes = (k + KC_MAX - 1) / KC_MAX;
+    *kc = (k + passes - 1) / passes;
+    const int rows = (int)(X_CHUNK_BYTES / ((size_t)*kc * sizeof(float))) / mr_max * mr_max;
+    *mc = rows > mr_max ? rows : mr_max;
+}
+
+/* Rows [r0, r0 + mr) of x widened to fp32 as the kernels read them, [k][mr] at x32 + r0 k. */
+static void pack_block(const uint16_t *x, int r0, int mr, int k, int fp16, float *x32) {
+    float *dst = x32 + (size_t)r0 * k;
+    for (int r = 0; r < mr; ++r) {
+        const uint16_t *src = x + (size_t)(r0 + r) * k;
+        for (int c = 0; c < k; ++c) dst[(size_t)c * mr + r] = to_f32(src[c], fp16);
     }
 }
 
@@ -203,26 +224,28 @@ int panel_gemm(const uint16_t *x, const uint16_t *panels, const uint16_t *bias, 
     if (rows <= 0 || n <= 0 || k <= 0) return -1;
     const int num_panels = (n + NR - 1) / NR;
     float *x32 = malloc((size_t)rows * k * sizeof(float));
-    float *partial = k > KC ? malloc((size_t)rows * num_panels * NR * sizeof(float)) : NULL;
-    if (!x32 || (k > KC && !partial)) {
+    float *partial = k > KC_MAX ? malloc((size_t)rows * num_panels * NR * sizeof(float)) : NULL;
+    if (!x32 || (k > KC_MAX && !partial)) {
         free(x32), free(partial);
         return -2;
     }
     gemm_args g = {x32, panels, bias, out, partial, rows, n, k, fp16, out_f32};
-    int mr_max, np;
+    int mr_max, np, kc_step, mc;
     block_shape(rows, &mr_max, &np);
+    chunk_shape(k, mr_max, &kc_step, &mc);
     const int groups = (num_panels + np - 1) / np;
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(static)
-        for (size_t i = 0; i < (size_t)rows * k; ++i) x32[i] = to_f32(x[i], fp16);
+        for (int r0 = 0; r0 < rows; r0 += mr_max)
+            pack_block(x, r0, rows - r0 < mr_max ? rows - r0 : mr_max, k, fp16, x32);
         /* (the for's barrier: every row is widened before any thread reads it) */
         /* Static schedules of the same loop give each thread the same panels every time, so
          * the partial sums a thread reads back are its own: no barrier between passes. */
-        for (int m0 = 0; m0 < rows; m0 += MC) {
-            const int m1 = rows - m0 < MC ? rows : m0 + MC;
-            for (int k0 = 0; k0 < k; k0 += KC) {
-                const int kc = k - k0 < KC ? k - k0 : KC;
+        for (int m0 = 0; m0 < rows; m0 += mc) {
+            const int m1 = rows - m0 < mc ? rows : m0 + mc;
+            for (int k0 = 0; k0 < k; k0 += kc_step) {
+                const int kc = k - k0 < kc_step ? k - k0 : kc_step;
 #pragma omp for schedule(static) nowait
                 for (int gi = 0; gi < groups; ++gi) {
                     const int p0 = gi * np;

@@ -118,18 +118,6 @@ typedef struct {
     int rows, n, k, fp16, out_f32;
 } gemm_args;
 
-/* f32_to_bf16 on 8 lanes: each lane's bf16 bits in its low half. */
-static inline __m256i round_to_bf16(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i nearest = _mm256_srli_epi32(
-        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-    const __m256i is_nan = _mm256_cmpgt_epi32(
-        _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-    const __m256i quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    return _mm256_blendv_epi8(nearest, quiet_nan, is_nan);
-}
-
 static inline float to_f32(uint16_t h, int fp16) { return fp16 ? _cvtsh_ss(h) : bf16_to_f32(h); }
 
 static inline uint16_t from_f32(float f, int fp16) {
@@ -138,14 +126,13 @@ static inline uint16_t from_f32(float f, int fp16) {
 
 /* 8 16-bit values as fp32. */
 static inline __m256 widen_8(__m128i h, int fp16) {
-    return fp16 ? _mm256_cvtph_ps(h)
-                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return fp16 ? _mm256_cvtph_ps(h) : bf16x8_to_f32(h);
 }
 
 /* 8 fp32 values rounded to the weights' 16-bit dtype (nearest, ties to even). */
 static inline __m128i narrow_8(__m256 v, int fp16) {
     if (fp16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-    const __m256i bits = round_to_bf16(v);
+    const __m256i bits = f32x8_to_bf16_bits(v);
     return _mm256_castsi256_si128(
         _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0xD8));
 }

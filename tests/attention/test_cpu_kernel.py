@@ -81,11 +81,12 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 def test_kernel_matches_dense_attention(kernel, dtype, cache_dtype, head_dim, block_size, heads,
                                        kv_heads, window):
     """Contexts of many 16-position tiles, over scattered blocks of every size, mixing
-    prefill chunks (one longer than a block of query rows, starting mid-context) with decodes:
+    prefill chunks (one longer than a block of query rows, starting mid-context) with decodes
+    (one over several of the decode path's 128-position chunks):
     each output equals dense softmax attention over the cache's values (an fp8 cache as
     PyTorch decodes it)."""
     gen = torch.Generator().manual_seed(head_dim + block_size)
-    context_lens, query_lens = [1, 37, 70, 16, 90, 150], [1, 1, 20, 16, 1, 130]
+    context_lens, query_lens = [1, 37, 70, 16, 90, 150, 300], [1, 1, 20, 16, 1, 130, 1]
     max_blocks = max(-(-c // block_size) for c in context_lens)
     num_blocks = max_blocks * len(context_lens) + 3
     key_cache, value_cache = (
@@ -107,6 +108,33 @@ def test_kernel_matches_dense_attention(kernel, dtype, cache_dtype, head_dim, bl
         rows = slice(query_start[s].item(), query_start[s + 1].item())
         expected = _dense_reference(q[rows], keys, values, q_len, scale, window)
         torch.testing.assert_close(out[rows].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rescales_when_a_later_chunk_holds_the_largest_score(kernel, dtype):
+    """A decode reads its context 128 positions at a time; keys that grow along the context
+    put each chunk's largest score above the last one's, so every chunk rescales what came
+    before it: the output still equals dense softmax attention."""
+    gen = torch.Generator().manual_seed(7)
+    ctx, heads, kv_heads, dim, block_size = 700, 4, 2, 64, 16
+    num_blocks = -(-ctx // block_size)
+    growth = torch.linspace(0.1, 3.0, ctx).view(1, ctx, 1)
+    keys = (torch.randn(kv_heads, ctx, dim, generator=gen) * growth).abs()
+    values = torch.randn(kv_heads, ctx, dim, generator=gen)
+    pad = num_blocks * block_size - ctx
+    key_cache, value_cache = (
+        torch.nn.functional.pad(x, (0, 0, 0, pad)).view(kv_heads, num_blocks, block_size, dim)
+        .to(dtype) for x in (keys, values))
+    q = torch.rand(1, heads, dim, generator=gen).to(dtype)
+    out = paged_attention(kernel, q, key_cache, value_cache,
+                          torch.arange(num_blocks, dtype=torch.int64).view(1, -1),
+                          torch.tensor([0, 1], dtype=torch.int32),
+                          torch.tensor([ctx], dtype=torch.int32), dim ** -0.5, None)
+    expected = _dense_reference(q, key_cache.flatten(1, 2)[:, :ctx].transpose(0, 1),
+                                value_cache.flatten(1, 2)[:, :ctx].transpose(0, 1), 1,
+                                dim ** -0.5, None)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("cache_dtype", [E4M3, E5M2])

@@ -8,8 +8,8 @@
  * The context is walked in tiles of TILE positions (16 with AVX-512, else 8: one register)
  * whatever the block size. A decode task puts the tile's keys in the lanes: a tile's rows are
  * widened to fp32 once and shared by the query heads, its scores come out of one joint
- * reduction (no horizontal sum per row), and the online softmax works on whole vectors. A
- * prefill task has rows enough to put TILE query rows in the lanes instead (attend_rows),
+ * reduction (no horizontal sum per row), and the softmax runs over a chunk of tiles at once
+ * (one max and rescale per chunk, not per tile). A prefill task has rows enough to put TILE query rows in the lanes instead (attend_rows),
  * which needs no reduction at all.
  * Written with GCC vector extensions, so the same source builds for AVX-512, AVX2 or NEON.
  * Built at run time by ember/attention/cpu_kernel.py.
@@ -26,7 +26,6 @@
 
 #define MAX_GROUP 64
 #define MAX_ROWS 64         /* (query position, head) pairs attended together */
-#define MAX_QUERY_BLOCK 16  /* query positions of a prefill chunk attended together */
 #define MAX_DIM 256
 #define MAX_BLOCK_SHIFT 7
 /* Positions per tile == lanes per vector: one register of fp32. 16-lane vectors on a CPU
@@ -36,6 +35,7 @@
 #else
 #define TILE 8
 #endif
+#define DECODE_TILES (128 / TILE)  /* a decode chunk: tiles scored, then softmaxed together */
 #define PREFETCH_ROWS 64      /* lead that covers DRAM latency on scattered block tables */
 #define MASKED (-1e30f)       /* not -inf: the kernel is built with -ffast-math */
 
@@ -265,8 +265,9 @@ static inline __attribute__((always_inline)) void widen_rows(const task_args *a,
 /* Rows [start, start + n) of the K or V cache, widened into rows[TILE][dim]. A full tile (all
  * but a context's last) gets a copy of each loop with a fixed trip count, unrolled: decode at
  * short contexts is bound by this per-tile work, not by memory. */
-static inline void widen_tile(const task_args *a, const char *head, int start, int n, int kind,
-                              int dim, float *rows) {
+static inline __attribute__((always_inline)) void widen_tile(const task_args *a,
+                                                             const char *head, int start, int n,
+                                                             int kind, int dim, float *rows) {
     if (n == TILE)
         widen_rows(a, head, start, TILE, kind, dim, rows);
     else
@@ -348,26 +349,6 @@ static inline vfloat dot_tile_bf16(const task_args *a, const uint16_t *qg, const
 #define NATIVE_BF16_DOT 0
 #endif
 
-/* A tile's scores folded into one query head's running max, sum and accumulator; returns the
- * tile's softmax weights (0 outside lanes [first, end), the positions that query attends). */
-static inline vfloat fold_tile(vfloat dots, float scale, int first, int end, int dim,
-                               float *max_g, float *sum_g, float *acc_g) {
-    vint lane;
-    for (int l = 0; l < TILE; ++l) lane[l] = l;
-    const vint valid = (lane >= first) & (lane < end);
-    const vfloat scores = blend(valid, dots * scale, splat(MASKED));
-    const float tile_max = max_of(scores);
-    if (tile_max > *max_g) {
-        const float rescale = expf(*max_g - tile_max);
-        *sum_g *= rescale;
-        for (int c = 0; c < dim; c += TILE) store_vec(acc_g + c, load_vec(acc_g + c) * rescale);
-        *max_g = tile_max;
-    }
-    const vfloat weights = blend(valid, exp_vec(scores - *max_g), splat(0.f));
-    *sum_g += sum_of(weights);
-    return weights;
-}
-
 static inline __attribute__((always_inline)) void accumulate_rows(const float *values,
                                                                   vfloat weights, int n, int dim,
                                                                   float *acc_g) {
@@ -379,8 +360,9 @@ static inline __attribute__((always_inline)) void accumulate_rows(const float *v
 }
 
 /* acc_g += the tile's n value rows weighted by `weights` (a full tile: as widen_tile). */
-static inline void accumulate_tile(const float *values, vfloat weights, int n, int dim,
-                                   float *acc_g) {
+static inline __attribute__((always_inline)) void accumulate_tile(const float *values,
+                                                                  vfloat weights, int n, int dim,
+                                                                  float *acc_g) {
     if (n == TILE)
         accumulate_rows(values, weights, TILE, dim, acc_g);
     else
@@ -423,67 +405,96 @@ static inline vfloat dot_tile_native(const task_args *a, int t, int g, const uin
 #endif
 }
 
-/* One (sequence, kv head) task. Query positions go in blocks (a decode step has one): each
- * block makes a single pass over the union of its contexts, tile by tile, so a prefill chunk
- * reads and widens each key and value row once per block instead of once per position. Each
- * (position, head) keeps an online softmax (its accumulator rescaled when its max grows). */
+/* Query head g's raw scores of the tile's n keys, scaled; lanes past n are MASKED. */
+static inline __attribute__((always_inline)) vfloat tile_scores(const task_args *a, int g,
+                                                                const float *qf,
+                                                                const float *tile,
+                                                                const uint16_t *keys, int start,
+                                                                int n, int widen_keys, int dim) {
+    const vfloat dots = widen_keys ? dot_tile_f32(qf + g * dim, tile, n, dim)
+                                   : dot_tile_native(a, a->q_begin, g, keys, start, n, dim);
+    if (n == TILE) return dots * a->scale;
+    vint lane;
+    for (int l = 0; l < TILE; ++l) lane[l] = l;
+    return blend(lane < n, dots * a->scale, splat(MASKED));
+}
+
+static inline vfloat max_vec(vfloat x, vfloat y) { return blend(x > y, x, y); }
+
+/* Folds a chunk's scores (scores[g * DECODE_TILES + i]: head g, tile i) into each head's
+ * running max and sum, rescaling its accumulator where the max grew, and replaces them with
+ * their softmax weights. */
+static inline __attribute__((always_inline)) void fold_chunk(vfloat *scores, int num_tiles,
+                                                             int last_n, int group, int dim,
+                                                             float *maxs, float *sums,
+                                                             float *acc) {
+    vint lane;
+    for (int l = 0; l < TILE; ++l) lane[l] = l;
+    for (int g = 0; g < group; ++g) {
+        vfloat *s = scores + g * DECODE_TILES;
+        vfloat top = s[0];
+        for (int i = 1; i < num_tiles; ++i) top = max_vec(top, s[i]);
+        const float chunk_max = max_of(top);
+        if (chunk_max > maxs[g]) {
+            const float rescale = expf(maxs[g] - chunk_max);
+            sums[g] *= rescale;
+            for (int c = 0; c < dim; c += TILE)
+                store_vec(acc + g * dim + c, load_vec(acc + g * dim + c) * rescale);
+            maxs[g] = chunk_max;
+        }
+        vfloat total = {0};
+        for (int i = 0; i < num_tiles; ++i) total += s[i] = exp_vec(s[i] - maxs[g]);
+        if (last_n < TILE) {  /* exp_vec(MASKED) is tiny, not 0 */
+            total -= s[num_tiles - 1];
+            s[num_tiles - 1] = blend(lane < last_n, s[num_tiles - 1], splat(0.f));
+            total += s[num_tiles - 1];
+        }
+        sums[g] += sum_of(total);
+    }
+}
+
+/* One (sequence, kv head) task of a decode step: its one query position against the context,
+ * DECODE_TILES tiles at a time. A chunk's scores are all computed first (keys widened once per
+ * tile and shared by the query heads), then softmaxed together (one max and rescale per chunk,
+ * exp over independent vectors), then its value rows are accumulated with those weights. */
 static inline __attribute__((always_inline)) void attend(const task_args *a, int bf16, int kind,
                                                          int dim) {
     const size_t row_bytes = (size_t)dim * kind_bytes(kind);
-    float qf[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
-    float acc[MAX_ROWS * MAX_DIM] __attribute__((aligned(64)));
+    float qf[MAX_GROUP * MAX_DIM] __attribute__((aligned(64)));
+    float acc[MAX_GROUP * MAX_DIM] __attribute__((aligned(64)));
     float tile[TILE * MAX_DIM] __attribute__((aligned(64)));
     uint16_t keys16[TILE * MAX_DIM] __attribute__((aligned(64)));  /* fp8 keys, narrowed */
-    float maxs[MAX_ROWS], sums[MAX_ROWS];
-    vfloat weights[MAX_ROWS];
-    const int group = a->group;
-    const int per_block = MAX_ROWS / group < MAX_QUERY_BLOCK ? MAX_ROWS / group : MAX_QUERY_BLOCK;
+    vfloat scores[MAX_GROUP * DECODE_TILES];
+    float maxs[MAX_GROUP], sums[MAX_GROUP];
+    const int group = a->group, ctx = a->ctx;
     const int widen_keys = !(bf16 && (kind == KIND_BF16 || is_fp8(kind)) && NATIVE_BF16_DOT);
     const uint16_t *keys = widen_keys || kind == KIND_BF16 ? NULL : keys16;
-    for (int t0 = a->q_begin; t0 < a->q_end; t0 += per_block) {
-        const int t1 = t0 + per_block < a->q_end ? t0 + per_block : a->q_end;
-        const int pos0 = a->ctx - (a->q_end - t0), last_pos = a->ctx - (a->q_end - t1);
-        const int lo = (a->window > 0 && pos0 - a->window + 1 > 0) ? pos0 - a->window + 1 : 0;
-        const int first_pass = t0 == a->q_begin, last_pass = t1 == a->q_end;
-        const int num_tiles = (last_pos - 1 - lo) / TILE + 1;
-        const int rows = (t1 - t0) * group;
-        if (widen_keys)  /* the bf16 dot reads the queries in place */
-            for (int t = t0; t < t1; ++t)
-                load_queries(a, t, bf16, dim, qf + (t - t0) * group * dim);
-        memset(acc, 0, sizeof(float) * rows * dim);
-        for (int r = 0; r < rows; ++r) maxs[r] = MASKED, sums[r] = 0.f;
-        for (int i = 0; i < num_tiles; ++i) {
-            const int start = lo + i * TILE;
-            const int n = last_pos - start < TILE ? last_pos - start : TILE;
-            prefetch_ahead(a, i, num_tiles, lo, last_pos, first_pass, last_pass, row_bytes);
+    const int lo = (a->window > 0 && ctx - a->window > 0) ? ctx - a->window : 0;
+    const int num_tiles = (ctx - 1 - lo) / TILE + 1;
+    if (widen_keys) load_queries(a, a->q_begin, bf16, dim, qf);  /* the bf16 dot reads q */
+    memset(acc, 0, sizeof(float) * group * dim);
+    for (int g = 0; g < group; ++g) maxs[g] = MASKED, sums[g] = 0.f;
+    for (int i0 = 0; i0 < num_tiles; i0 += DECODE_TILES) {
+        const int i1 = min_int(i0 + DECODE_TILES, num_tiles);
+        for (int i = i0; i < i1; ++i) {
+            const int start = lo + i * TILE, n = min_int(ctx - start, TILE);
+            prefetch_ahead(a, i, num_tiles, lo, ctx, 1, 1, row_bytes);
             if (widen_keys) widen_tile(a, a->span.k_head, start, n, kind, dim, tile);
             else if (keys) narrow_tile(a, a->span.k_head, start, n, kind, dim, keys16);
-            for (int t = t0; t < t1; ++t) {
-                /* lanes [first, end) of this tile are inside position t's causal window */
-                const int pos = a->ctx - (a->q_end - t);
-                const int t_lo = (a->window > 0 && pos - a->window + 1 > 0) ? pos - a->window + 1
-                                                                            : 0;
-                const int first = t_lo > start ? t_lo - start : 0;
-                const int end = pos + 1 - start < n ? pos + 1 - start : n;
-                for (int g = 0; g < group; ++g) {
-                    const int r = (t - t0) * group + g;
-                    if (first >= end) {
-                        weights[r] = splat(0.f);
-                        continue;
-                    }
-                    const vfloat dots = widen_keys ? dot_tile_f32(qf + r * dim, tile, end, dim)
-                                                   : dot_tile_native(a, t, g, keys, start, end,
-                                                                     dim);
-                    weights[r] = fold_tile(dots, a->scale, first, end, dim, &maxs[r], &sums[r],
-                                           acc + r * dim);
-                }
-            }
-            widen_tile(a, a->span.v_head, start, n, kind, dim, tile);
-            for (int r = 0; r < rows; ++r) accumulate_tile(tile, weights[r], n, dim, acc + r * dim);
+            for (int g = 0; g < group; ++g)
+                scores[g * DECODE_TILES + i - i0] = tile_scores(a, g, qf, tile, keys, start, n,
+                                                                widen_keys, dim);
         }
-        for (int t = t0; t < t1; ++t)
-            store_outputs(a, t, bf16, dim, acc + (t - t0) * group * dim, sums + (t - t0) * group);
+        const int last_n = min_int(ctx - (lo + (i1 - 1) * TILE), TILE);
+        fold_chunk(scores, i1 - i0, last_n, group, dim, maxs, sums, acc);
+        for (int i = i0; i < i1; ++i) {
+            const int start = lo + i * TILE, n = min_int(ctx - start, TILE);
+            widen_tile(a, a->span.v_head, start, n, kind, dim, tile);
+            for (int g = 0; g < group; ++g)
+                accumulate_tile(tile, scores[g * DECODE_TILES + i - i0], n, dim, acc + g * dim);
+        }
     }
+    store_outputs(a, a->q_begin, bf16, dim, acc, sums);
 }
 
 /* ---- Prefill: lanes are query rows ------------------------------------------------------

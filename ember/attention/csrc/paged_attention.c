@@ -9,8 +9,8 @@
  * whatever the block size. A decode task puts the tile's keys in the lanes: a tile's rows are
  * widened to fp32 once and shared by the query heads, its scores come out of one joint
  * reduction (no horizontal sum per row), and the softmax runs over a chunk of tiles at once
- * (one max and rescale per chunk, not per tile). A prefill task has rows enough to put TILE query rows in the lanes instead (attend_rows),
- * which needs no reduction at all.
+ * (one max and rescale per chunk, not per tile). A prefill task has rows enough to put TILE
+ * query rows in the lanes instead (attend_rows), which needs no reduction at all.
  * Written with GCC vector extensions, so the same source builds for AVX-512, AVX2 or NEON.
  * Built at run time by ember/attention/cpu_kernel.py.
  */
@@ -443,11 +443,11 @@ static inline __attribute__((always_inline)) void fold_chunk(vfloat *scores, int
             maxs[g] = chunk_max;
         }
         vfloat total = {0};
-        for (int i = 0; i < num_tiles; ++i) total += s[i] = exp_vec(s[i] - maxs[g]);
-        if (last_n < TILE) {  /* exp_vec(MASKED) is tiny, not 0 */
-            total -= s[num_tiles - 1];
-            s[num_tiles - 1] = blend(lane < last_n, s[num_tiles - 1], splat(0.f));
-            total += s[num_tiles - 1];
+        for (int i = 0; i < num_tiles; ++i) {
+            vfloat weight = exp_vec(s[i] - maxs[g]);
+            if (i == num_tiles - 1 && last_n < TILE)  /* exp_vec(MASKED) is tiny, not 0 */
+                weight = blend(lane < last_n, weight, splat(0.f));
+            total += s[i] = weight;
         }
         sums[g] += sum_of(total);
     }

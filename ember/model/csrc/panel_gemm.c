@@ -54,7 +54,7 @@ static inline void widen_panel_row(const uint16_t *p, int fp16, __m256 *lo, __m2
  * of every accumulator on the stack and stores it after each FMA. */
 #define UNROLLED _Pragma("GCC unroll 16")
 #define DEFINE_KERNEL(MR, NP, FP16)                                                           \
-    static void kernel_##MR##_##NP##_##FP16(const float *x, const uint16_t *w,              \
+    static void kernel_##MR##_##NP##_##FP16(const float *x, const uint16_t *w,                \
                                    size_t panel_stride, int kc, const float *init,            \
                                    size_t ld_init, float *sums, size_t ld_sums) {             \
         __m256 acc[MR][2 * NP];                                                               \
@@ -65,9 +65,9 @@ static inline void widen_panel_row(const uint16_t *p, int fp16, __m256 *lo, __m2
         for (int c = 0; c < kc; ++c) {                                                        \
             UNROLLED for (int p = 0; p < NP; ++p) {                                           \
                 __m256 lo, hi;                                                                \
-                widen_panel_row(w + p * panel_stride + (size_t)c * NR, FP16, &lo, &hi);             \
+                widen_panel_row(w + p * panel_stride + (size_t)c * NR, FP16, &lo, &hi);       \
                 UNROLLED for (int r = 0; r < MR; ++r) {                                       \
-                    const __m256 xv = _mm256_broadcast_ss(x + (size_t)c * MR + r);          \
+                    const __m256 xv = _mm256_broadcast_ss(x + (size_t)c * MR + r);            \
                     acc[r][2 * p] = _mm256_fmadd_ps(xv, lo, acc[r][2 * p]);                   \
                     acc[r][2 * p + 1] = _mm256_fmadd_ps(xv, hi, acc[r][2 * p + 1]);           \
                 }                                                                             \
